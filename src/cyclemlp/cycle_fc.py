@@ -1,0 +1,227 @@
+"""Cycle FC, the spatial operator of CycleMLP.
+
+CycleMLP: A MLP-like Architecture for Dense Prediction (Chen et al., ICLR 2022, arXiv 2107.10224).
+
+Cycle FC gives every input channel ``i`` a fixed integer offset ``(dy_i, dx_i)`` and computes
+
+    out[b, y, x, o] = bias[o] + sum_i weight[o, i] * X[b, y + dy_i, x + dx_i, i]
+
+with zeros read outside the grid. Because the offset belongs to the *input* channel and the
+weight is pointwise, that is exactly "shift every channel by its own offset (zero fill), then one
+Linear over channels". This module implements it that way: one gather for the shift and one
+matrix multiply, with no deformable convolution and no loop over channels.
+
+Tensors are channels-last, ``(B, H, W, C)``, throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Pattern", "CycleFC", "cycle_fc", "cycle_offsets", "cycle_shift", "normalize_stepsize"]
+
+Pattern = Literal["official", "paper"]
+PATTERNS: tuple[str, ...] = ("official", "paper")
+
+
+def normalize_stepsize(stepsize: int | Sequence[int]) -> tuple[int, int]:
+    """Return ``stepsize`` as ``(S_H, S_W)``; an int ``K`` stands for the square ``(K, K)``."""
+    if isinstance(stepsize, bool):
+        raise TypeError(f"stepsize must be an int or a pair of ints, got {stepsize!r}")
+    if isinstance(stepsize, int):
+        pair = (stepsize, stepsize)
+    else:
+        pair = tuple(stepsize)
+        if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
+            raise TypeError(f"stepsize must be an int or a pair of ints, got {stepsize!r}")
+    if min(pair) < 1:
+        raise ValueError(f"stepsize entries must be >= 1, got {pair}")
+    return pair  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(channels: int, stepsize: tuple[int, int], pattern: str) -> tuple[tuple[int, int], ...]:
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    sh, sw = stepsize
+    if pattern == "official":
+        if sh != 1 and sw != 1:
+            raise ValueError(
+                f"pattern 'official' (the authors' released code) only defines stepsizes (1, K) and "
+                f"(K, 1); got {stepsize}. Use pattern='paper' for 2-D stepsizes."
+            )
+        k = max(sh, sw)
+        shifts = [((i + k // 2) % k) - k // 2 for i in range(channels)]
+        if sh == 1:
+            return tuple((0, s) for s in shifts)
+        return tuple((s, 0) for s in shifts)
+    if pattern == "paper":
+        return tuple(
+            ((i % sh) - sh // 2, ((i // sh) % sw) - sw // 2) for i in range(channels)
+        )
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
+
+
+def cycle_offsets(
+    channels: int, stepsize: int | Sequence[int] = (1, 3), pattern: Pattern = "official"
+) -> torch.Tensor:
+    """Integer offsets ``(dy_i, dx_i)`` of every input channel, as a ``(channels, 2)`` tensor.
+
+    ``official`` is the authors' released code (stepsizes ``(1, K)`` / ``(K, 1)`` only):
+    ``s_i = ((i + K//2) mod K) - K//2`` along the stepsize's long axis. ``paper`` is the paper's
+    formula, centred: ``dy_i = (i mod S_H) - S_H//2``, ``dx_i = (i // S_H mod S_W) - S_W//2``.
+    """
+    return torch.tensor(_offsets(channels, normalize_stepsize(stepsize), pattern), dtype=torch.long)
+
+
+OffsetTable = tuple[tuple[int, int], ...]
+
+
+def _as_table(offsets: torch.Tensor | Sequence[Sequence[int]]) -> OffsetTable:
+    if isinstance(offsets, torch.Tensor):
+        if offsets.dim() != 2 or offsets.shape[1] != 2:
+            raise ValueError(f"offsets must have shape (C, 2); got {tuple(offsets.shape)}")
+        offsets = offsets.tolist()
+    return tuple((int(dy), int(dx)) for dy, dx in offsets)
+
+
+def _gather_index(
+    height: int, width: int, offsets: OffsetTable, padding: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Flat index into the zero-padded ``(H + 2ph, W + 2pw, C)`` map for every output element."""
+    pad_h, pad_w = padding
+    table = torch.tensor(offsets, dtype=torch.long, device=device)
+    rows = torch.arange(height, device=device).view(height, 1, 1) + (table[:, 0] + pad_h)
+    cols = torch.arange(width, device=device).view(1, width, 1) + (table[:, 1] + pad_w)
+    flat = (rows * (width + 2 * pad_w) + cols) * len(offsets)
+    flat = flat + torch.arange(len(offsets), device=device)
+    return flat.reshape(1, height * width * len(offsets))
+
+
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+_INDEX_CACHE_SIZE = 64
+
+
+def _index_for(
+    height: int, width: int, offsets: OffsetTable, padding: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    # Eager calls reuse the index per feature-map size; traced and compiled graphs build it from
+    # the (possibly symbolic) sizes so that one graph serves every resolution.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not isinstance(height, int):
+        return _gather_index(height, width, offsets, padding, device)
+    key = (height, width, str(device), offsets)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        index = _INDEX_CACHE[key] = _gather_index(height, width, offsets, padding, device)
+    return index
+
+
+def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(
+            f"{what} expects a channels-last tensor (B, H, W, C); got {x.dim()}-D input of shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.shape[-1] != channels:
+        raise ValueError(
+            f"{what} expects {channels} channels in the last dimension (B, H, W, C); got input of "
+            f"shape {tuple(x.shape)}"
+        )
+
+
+def cycle_shift(x: torch.Tensor, offsets: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+    """Shift every channel of ``x`` (B, H, W, C) by its own offset, reading zeros outside.
+
+    ``out[b, y, x, i] = x[b, y + dy_i, x + dx_i, i]`` for ``offsets[i] = (dy_i, dx_i)``.
+    Implemented as a zero pad by the largest offset followed by one gather with a flat index.
+    """
+    table = _as_table(offsets)
+    _check_input(x, len(table), "cycle_shift")
+    batch, height, width, channels = x.shape
+    pad_h = max(abs(dy) for dy, _ in table)
+    pad_w = max(abs(dx) for _, dx in table)
+    if pad_h == 0 and pad_w == 0:
+        return x
+    padded = F.pad(x, (0, 0, pad_w, pad_w, pad_h, pad_h)).reshape(batch, -1)
+    index = _index_for(height, width, table, (pad_h, pad_w), x.device)
+    return torch.gather(padded, 1, index.expand(batch, -1)).view(batch, height, width, channels)
+
+
+# The shift is a leaf for torch.fx symbolic tracing: its body looks at concrete shapes.
+torch.fx.wrap("cycle_shift")
+
+
+def cycle_fc(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stepsize: int | Sequence[int] = (1, 3),
+    pattern: Pattern = "official",
+) -> torch.Tensor:
+    """Functional Cycle FC over channels-last ``x`` (B, H, W, C_in); ``weight`` is (C_out, C_in)."""
+    if weight.dim() != 2:
+        raise ValueError(f"cycle_fc weight must be (C_out, C_in); got shape {tuple(weight.shape)}")
+    offsets = _offsets(weight.shape[1], normalize_stepsize(stepsize), pattern)
+    return F.linear(cycle_shift(x, offsets), weight, bias)
+
+
+class CycleFC(nn.Module):
+    """Cycle FC layer over channels-last input ``(B, H, W, in_features)``.
+
+    Args:
+        in_features: input channels ``C_in``.
+        out_features: output channels ``C_out``.
+        stepsize: ``(S_H, S_W)`` receptive field of the channel-wise offsets; an int means square.
+            ``(1, K)`` mixes along the width, ``(K, 1)`` along the height, ``(1, 1)`` is a plain
+            channel FC, and stepsizes larger than the feature map are allowed.
+        pattern: ``"official"`` (the authors' released code, needed by their weights) or
+            ``"paper"`` (the paper's formula, which also covers 2-D stepsizes such as 3x3).
+        bias: learn an additive bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        stepsize: int | Sequence[int] = (1, 3),
+        pattern: Pattern = "official",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.stepsize = normalize_stepsize(stepsize)
+        self.pattern = pattern
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.offset_table: OffsetTable = _offsets(in_features, self.stepsize, pattern)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(cycle_shift(x, self.offset_table), self.weight, self.bias)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """The ``(C_in, 2)`` integer offsets ``(dy_i, dx_i)`` this layer reads its input at."""
+        return torch.tensor(self.offset_table, dtype=torch.long)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, stepsize={self.stepsize}, "
+            f"pattern={self.pattern!r}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,174 @@
+"""Cycle FC: offsets, equivalence with the authors' deform_conv2d formulation, gradients, tracing."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.deform_reference import DeformCycleFC, deform_offsets
+from cyclemlp import CycleFC, cycle_fc, cycle_offsets, cycle_shift
+
+
+def _pair_from_deform(ref: DeformCycleFC, out_features: int, in_features: int) -> CycleFC:
+    layer = CycleFC(in_features, out_features, ref.stepsize, ref.pattern)
+    with torch.no_grad():
+        layer.weight.copy_(ref.weight.flatten(1))
+        layer.bias.copy_(ref.bias)
+    return layer
+
+
+def _deform(cin, cout, stepsize, pattern):
+    ref = DeformCycleFC(cin, cout, stepsize, pattern)
+    ref.stepsize, ref.pattern = stepsize, pattern
+    return ref
+
+
+def test_official_offsets_match_released_code():
+    assert cycle_offsets(7, (1, 3))[:, 1].tolist() == [0, 1, -1, 0, 1, -1, 0]
+    assert cycle_offsets(7, (1, 3))[:, 0].tolist() == [0] * 7
+    assert cycle_offsets(8, (1, 7))[:, 1].tolist() == [0, 1, 2, 3, -3, -2, -1, 0]
+    assert cycle_offsets(4, (3, 1))[:, 0].tolist() == [0, 1, -1, 0]
+    assert cycle_offsets(4, (3, 1))[:, 1].tolist() == [0, 0, 0, 0]
+
+
+def test_paper_offsets_follow_formula():
+    table = cycle_offsets(9, (3, 3), "paper").tolist()
+    assert table == [[dy, dx] for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+    assert cycle_offsets(5, (1, 1), "paper").abs().sum() == 0
+    # stepsize 3 along W: the printed formula (offset - 1)
+    assert cycle_offsets(4, (1, 3), "paper")[:, 1].tolist() == [-1, 0, 1, -1]
+
+
+@pytest.mark.parametrize("bad", [(3, 3), (2, 5)])
+def test_official_rejects_2d_stepsize(bad):
+    with pytest.raises(ValueError, match="official"):
+        cycle_offsets(8, bad, "official")
+
+
+@pytest.mark.parametrize("bad", [0, (0, 3), (1, -1), (1, 2, 3), "3", 2.0])
+def test_bad_stepsize(bad):
+    with pytest.raises((ValueError, TypeError)):
+        CycleFC(4, 4, bad)
+
+
+def test_unknown_pattern():
+    with pytest.raises(ValueError, match="pattern"):
+        CycleFC(4, 4, (1, 3), pattern="spiral")
+
+
+CASES = [
+    # (batch, H, W, C_in, C_out, stepsize, pattern)
+    (2, 7, 9, 16, 8, (1, 3), "official"),
+    (1, 5, 4, 13, 13, (3, 1), "official"),
+    (3, 8, 8, 10, 6, (1, 7), "official"),
+    (2, 3, 2, 12, 5, (7, 1), "official"),  # map smaller than the stepsize
+    (1, 1, 1, 6, 6, (1, 3), "official"),
+    (2, 6, 5, 18, 9, (3, 3), "paper"),
+    (1, 4, 7, 11, 4, (1, 1), "paper"),
+    (2, 5, 3, 20, 7, (9, 9), "paper"),  # stepsize larger than the map
+    (1, 2, 9, 8, 3, (2, 5), "paper"),  # even stepsizes
+]
+
+
+@pytest.mark.parametrize("batch,h,w,cin,cout,stepsize,pattern", CASES)
+def test_matches_deform_conv(batch, h, w, cin, cout, stepsize, pattern):
+    ref = _deform(cin, cout, stepsize, pattern)
+    layer = _pair_from_deform(ref, cout, cin)
+    x = torch.randn(batch, h, w, cin)
+    torch.testing.assert_close(layer(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    cin=st.integers(1, 24),
+    cout=st.integers(1, 12),
+    k=st.integers(1, 11),
+    axis=st.sampled_from(["h", "w"]),
+    pattern=st.sampled_from(["official", "paper"]),
+    second=st.integers(1, 5),
+)
+def test_matches_deform_conv_property(batch, h, w, cin, cout, k, axis, pattern, second):
+    if pattern == "official":
+        stepsize = (1, k) if axis == "w" else (k, 1)
+    else:
+        stepsize = (second, k) if axis == "w" else (k, second)
+    ref = _deform(cin, cout, stepsize, pattern)
+    layer = _pair_from_deform(ref, cout, cin)
+    x = torch.randn(batch, h, w, cin)
+    torch.testing.assert_close(layer(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_shift_reads_zero_outside():
+    x = torch.ones(1, 4, 5, 3)
+    out = cycle_shift(x, [(0, 0), (0, 1), (0, -1)])
+    assert out[0, :, :, 0].eq(1).all()
+    assert out[0, :, -1, 1].eq(0).all() and out[0, :, :-1, 1].eq(1).all()
+    assert out[0, :, 0, 2].eq(0).all() and out[0, :, 1:, 2].eq(1).all()
+    # not a roll: values never wrap around
+    ramp = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 2, 5, 1).contiguous()
+    assert cycle_shift(ramp, [(0, 2)])[0, 0, :, 0].tolist() == [2, 3, 4, 0, 0]
+    assert cycle_shift(ramp, [(0, 9)]).abs().sum() == 0
+
+
+def test_functional_matches_module():
+    layer = CycleFC(12, 7, (1, 5))
+    x = torch.randn(2, 6, 6, 12)
+    torch.testing.assert_close(cycle_fc(x, layer.weight, layer.bias, (1, 5)), layer(x))
+    assert layer.offsets.shape == (12, 2)
+
+
+def test_gradcheck_float64():
+    layer = CycleFC(5, 3, (3, 3), pattern="paper").double()
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: cycle_fc(x, w, b, (3, 3), "paper"), (x, layer.weight, layer.bias)
+    )
+    y = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, w: cycle_fc(y, w, None, (1, 3)), (y, w))
+
+
+def test_gradients_match_deform_conv():
+    ref = _deform(10, 6, (1, 3), "official")
+    layer = _pair_from_deform(ref, 6, 10)
+    x1 = torch.randn(2, 5, 7, 10, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = torch.randn(2, 5, 7, 6)
+    (ref(x1) * g).sum().backward()
+    (layer(x2) * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad.flatten(1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,match", [((2, 3, 4), "channels-last"), ((1, 4, 4, 5), "6 channels")])
+def test_bad_input_shapes(shape, match):
+    with pytest.raises(ValueError, match=match):
+        CycleFC(6, 6)(torch.randn(*shape))
+
+
+def test_fx_symbolic_trace():
+    layer = CycleFC(8, 4, (1, 3))
+    graph = torch.fx.symbolic_trace(layer)
+    x = torch.randn(2, 5, 6, 8)
+    torch.testing.assert_close(graph(x), layer(x))
+
+
+def test_torch_export_dynamic_shapes():
+    layer = CycleFC(8, 4, (3, 1))
+    batch, height, width = (torch.export.Dim(n, min=2, max=64) for n in ("batch", "height", "width"))
+    program = torch.export.export(
+        layer, (torch.randn(2, 6, 7, 8),), dynamic_shapes={"x": {0: batch, 1: height, 2: width}}
+    )
+    for shape in [(2, 6, 7, 8), (3, 11, 4, 8), (5, 2, 2, 8)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(program.module()(x), layer(x))
+
+
+def test_torch_compile():
+    layer = CycleFC(8, 4, (1, 3))
+    compiled = torch.compile(layer, dynamic=False)
+    x = torch.randn(2, 5, 6, 8)
+    torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)

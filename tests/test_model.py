@@ -1,0 +1,185 @@
+"""The eight CycleMLP models: configurations, timm interface, sizes, equivalence with the authors'."""
+
+import pytest
+import timm
+import torch
+
+import cyclemlp
+from benchmarks.deform_reference import deform_model
+from cyclemlp import MODEL_CONFIGS, CycleMLP, count_cost
+
+# SPEC §2 (B1-B5, authors' table and fvcore count) and §3 (T/S/B, derived).
+EXPECTED = {
+    "cyclemlp_b1": (15.2, 2.131),
+    "cyclemlp_b2": (26.8, 3.890),
+    "cyclemlp_b3": (38.4, 6.853),
+    "cyclemlp_b4": (51.8, 10.059),
+    "cyclemlp_b5": (75.7, 12.267),
+    "cyclemlp_t": (30.4, 4.37),
+    "cyclemlp_s": (53.5, 8.54),
+    "cyclemlp_b": (94.7, 15.17),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_params_and_gmacs_reproduce_spec(name):
+    params_m, gmacs = EXPECTED[name]
+    cost = count_cost(timm.create_model(name))
+    assert abs(cost.params_m - params_m) <= 0.1
+    assert abs(cost.gmacs - gmacs) <= (0.0015 if name[-2] == "b" and name[-1].isdigit() else 0.01)
+    assert cost.flops > 0 and cost.macs > cost.flops / 2  # LayerNorm adds to MACs only
+
+
+def test_gmacs_grow_linearly_with_pixels():
+    model = timm.create_model("cyclemlp_b1")
+    small, big = count_cost(model, 256), count_cost(model, 512)
+    assert big.macs / small.macs == pytest.approx(4.0, rel=0.01)
+
+
+def test_all_registered_in_timm():
+    for name in MODEL_CONFIGS:
+        assert timm.is_model(name)
+        cfg = timm.get_pretrained_cfg(name).to_dict()
+        assert cfg["url"].startswith("https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/")
+        assert cfg["input_size"] == (3, 224, 224)
+        assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+        assert cfg["license"] == "mit"
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_create_model_kwargs_and_odd_sizes(name):
+    model = timm.create_model(name, num_classes=7, in_chans=1, drop_path_rate=0.05).eval()
+    assert model.head.out_features == 7 and model.stem.proj.in_channels == 1
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 97, 161)).shape == (1, 7)
+
+
+def test_drop_path_schedule():
+    model = timm.create_model("cyclemlp_b1", drop_path_rate=0.3)
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+             for s in model.stages for b in s.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and len(rates) == 10
+    assert rates == sorted(rates)
+
+
+def test_non_square_large_input():
+    model = timm.create_model("cyclemlp_b1", features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 512, 1024))
+    assert [tuple(f.shape[2:]) for f in feats] == [(128, 256), (64, 128), (32, 64), (16, 32)]
+
+
+@pytest.mark.parametrize("name", ["cyclemlp_b1", "cyclemlp_t"])
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    x = torch.randn(2, 3, 97, 161)
+    with torch.no_grad():
+        feats = model(x)
+    assert len(feats) == 4
+    for f, c in zip(feats, model.feature_info.channels()):
+        assert f.shape[:2] == (2, c)
+    sub = timm.create_model(name, features_only=True, out_indices=(1, 3))
+    assert sub.feature_info.channels() == [model.feature_info.channels()[1], model.feature_info.channels()[3]]
+    with torch.no_grad():
+        assert [f.shape[1] for f in sub(x)] == sub.feature_info.channels()
+
+
+def test_forward_api():
+    model = timm.create_model("cyclemlp_b1", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 2, 3, 512)  # NHWC
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
+        logits = model.forward_head(feats)
+        torch.testing.assert_close(logits, model(x))
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert [t.shape[1] for t in inter] == [64, 128, 320, 512]
+        assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+        nhwc = model.forward_intermediates(x, indices=[0], output_fmt="NHWC", intermediates_only=True)
+        assert nhwc[0].shape == (2, 16, 24, 64)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 512)
+    assert model.get_classifier() is model.head
+
+
+def test_grad_checkpointing_same_result():
+    model = timm.create_model("cyclemlp_b1", num_classes=4, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    ref.sum().backward()
+    grad = model.stem.proj.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(model.stem.proj.weight.grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_custom_variant_and_ablation_options():
+    model = CycleMLP(
+        depths=(1, 1), dims=(16, 32), mlp_ratios=(2, 2), stepsize=(3, 3), pattern="paper",
+        branches=("width", "channel"), in_chans=2, num_classes=3, drop_path_rate=0.0,
+    )
+    assert model(torch.randn(2, 2, 40, 24)).shape == (2, 3)
+    assert model.stages[0].blocks[0].mixer.height_fc is None
+    assert model.stages[0].blocks[0].mixer.reweight.fc2.out_features == 32
+    with pytest.raises(ValueError, match="branches"):
+        CycleMLP(branches=("width", "spatial"))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        CycleMLP(depths=(1, 1), dims=(8,))
+    with pytest.raises(ValueError, match="layout"):
+        CycleMLP(layout="convnext")
+
+
+@pytest.mark.parametrize("shape,match", [((3, 224, 224), "images of shape"), ((1, 1, 64, 64), "images of shape"),
+                                         ((1, 3, 2, 64), "at least")])
+def test_bad_image_shapes(shape, match):
+    model = timm.create_model("cyclemlp_b1")
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+
+
+def test_tiny_inputs_work():
+    model = timm.create_model("cyclemlp_b1").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 3, 5)).shape == (1, 1000)
+    swin = timm.create_model("cyclemlp_t").eval()
+    with torch.no_grad():
+        assert swin(torch.randn(1, 3, 4, 9)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name,size", [("cyclemlp_b1", (224, 224)), ("cyclemlp_b1", (97, 161)),
+                                       ("cyclemlp_b2", (64, 80))])
+def test_matches_authors_network(name, size):
+    ref = deform_model(name).eval()
+    model = timm.create_model(name).eval()
+    sd = cyclemlp.checkpoint.convert_state_dict(ref.state_dict(), model)
+    model.load_state_dict(sd)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_dense_backbone_matches_authors():
+    ref = deform_model("cyclemlp_b1", dense=True).eval()
+    model = timm.create_model("cyclemlp_b1", features_only=True).eval()
+    inner = model.model
+    inner.load_state_dict(cyclemlp.checkpoint.convert_state_dict(ref.state_dict(), inner), strict=False)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for a, b in zip(model(x), ref(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fx_trace_whole_model():
+    model = timm.create_model("cyclemlp_b1", num_classes=3).eval()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(1, 3, 64, 96)
+    torch.testing.assert_close(graph(x), model(x))
