@@ -24,7 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Pattern", "CycleFC", "cycle_fc", "cycle_offsets", "cycle_shift", "normalize_stepsize"]
+__all__ = ["Pattern", "CycleFC", "cycle_fc", "cycle_offsets", "cycle_shift", "normalize_stepsize", "shift_stack"]
 
 Pattern = Literal["official", "paper"]
 PATTERNS: tuple[str, ...] = ("official", "paper")
@@ -92,16 +92,24 @@ def _as_table(offsets: torch.Tensor | Sequence[Sequence[int]]) -> OffsetTable:
 
 
 def _gather_index(
-    height: int, width: int, offsets: OffsetTable, padding: tuple[int, int], device: torch.device
+    height: int,
+    width: int,
+    tables: tuple[OffsetTable, ...],
+    padding: tuple[int, int],
+    device: torch.device,
 ) -> torch.Tensor:
-    """Flat index into the zero-padded ``(H + 2ph, W + 2pw, C)`` map for every output element."""
+    """Flat index into the zero-padded ``(H + 2ph, W + 2pw, C)`` map for every output element.
+
+    Output channel ``k * C + i`` reads input channel ``i`` at offset ``tables[k][i]``.
+    """
     pad_h, pad_w = padding
-    table = torch.tensor(offsets, dtype=torch.long, device=device)
+    channels = len(tables[0])
+    table = torch.tensor([pair for t in tables for pair in t], dtype=torch.long, device=device)
+    source = torch.arange(channels, device=device).repeat(len(tables))
     rows = torch.arange(height, device=device).view(height, 1, 1) + (table[:, 0] + pad_h)
     cols = torch.arange(width, device=device).view(1, width, 1) + (table[:, 1] + pad_w)
-    flat = (rows * (width + 2 * pad_w) + cols) * len(offsets)
-    flat = flat + torch.arange(len(offsets), device=device)
-    return flat.reshape(1, height * width * len(offsets))
+    flat = (rows * (width + 2 * pad_w) + cols) * channels + source
+    return flat.reshape(1, height * width * len(table))
 
 
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
@@ -109,18 +117,22 @@ _INDEX_CACHE_SIZE = 64
 
 
 def _index_for(
-    height: int, width: int, offsets: OffsetTable, padding: tuple[int, int], device: torch.device
+    height: int,
+    width: int,
+    tables: tuple[OffsetTable, ...],
+    padding: tuple[int, int],
+    device: torch.device,
 ) -> torch.Tensor:
     # Eager calls reuse the index per feature-map size; traced and compiled graphs build it from
     # the (possibly symbolic) sizes so that one graph serves every resolution.
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not isinstance(height, int):
-        return _gather_index(height, width, offsets, padding, device)
-    key = (height, width, str(device), offsets)
+        return _gather_index(height, width, tables, padding, device)
+    key = (height, width, str(device), tables)
     index = _INDEX_CACHE.get(key)
     if index is None:
         if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
             _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
-        index = _INDEX_CACHE[key] = _gather_index(height, width, offsets, padding, device)
+        index = _INDEX_CACHE[key] = _gather_index(height, width, tables, padding, device)
     return index
 
 
@@ -137,25 +149,38 @@ def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
         )
 
 
+def shift_stack(x: torch.Tensor, tables: Sequence[torch.Tensor | Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Shifted copies of ``x`` (B, H, W, C), one per offset table, concatenated along channels.
+
+    Returns ``(B, H, W, K * C)`` with ``out[..., k * C + i] = x[b, y + dy, x + dx, i]`` for
+    ``(dy, dx) = tables[k][i]``, zeros outside the grid; a single gather produces all K copies.
+    """
+    tables = tuple(_as_table(t) for t in tables)
+    if not tables or any(len(t) != len(tables[0]) for t in tables):
+        raise ValueError("shift_stack needs one or more offset tables of equal length")
+    _check_input(x, len(tables[0]), "Cycle FC")
+    batch, height, width, channels = x.shape
+    pad_h = max(abs(dy) for t in tables for dy, _ in t)
+    pad_w = max(abs(dx) for t in tables for _, dx in t)
+    if pad_h == 0 and pad_w == 0 and len(tables) == 1:
+        return x
+    padded = F.pad(x, (0, 0, pad_w, pad_w, pad_h, pad_h)).reshape(batch, -1)
+    index = _index_for(height, width, tables, (pad_h, pad_w), x.device)
+    out = torch.gather(padded, 1, index.expand(batch, -1))
+    return out.view(batch, height, width, len(tables) * channels)
+
+
 def cycle_shift(x: torch.Tensor, offsets: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
     """Shift every channel of ``x`` (B, H, W, C) by its own offset, reading zeros outside.
 
     ``out[b, y, x, i] = x[b, y + dy_i, x + dx_i, i]`` for ``offsets[i] = (dy_i, dx_i)``.
     Implemented as a zero pad by the largest offset followed by one gather with a flat index.
     """
-    table = _as_table(offsets)
-    _check_input(x, len(table), "cycle_shift")
-    batch, height, width, channels = x.shape
-    pad_h = max(abs(dy) for dy, _ in table)
-    pad_w = max(abs(dx) for _, dx in table)
-    if pad_h == 0 and pad_w == 0:
-        return x
-    padded = F.pad(x, (0, 0, pad_w, pad_w, pad_h, pad_h)).reshape(batch, -1)
-    index = _index_for(height, width, table, (pad_h, pad_w), x.device)
-    return torch.gather(padded, 1, index.expand(batch, -1)).view(batch, height, width, channels)
+    return shift_stack(x, (offsets,))
 
 
-# The shift is a leaf for torch.fx symbolic tracing: its body looks at concrete shapes.
+# The shifts are leaves for torch.fx symbolic tracing: their bodies look at concrete shapes.
+torch.fx.wrap("shift_stack")
 torch.fx.wrap("cycle_shift")
 
 
