@@ -26,6 +26,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
@@ -89,6 +90,72 @@ def branch_stepsizes(stepsize: int | Sequence[int]) -> tuple[tuple[int, int], tu
     return (sh, sw), (sw, sh)
 
 
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether the block may run its Linear layers as fused oneDNN kernels.
+
+    Only for CPU float32 inference in eager mode: with gradients, under tracing, compiling,
+    scripting or any dispatch mode (FLOP counters, fake tensors), and on other devices, the
+    plain ``torch.nn.functional`` ops run instead.
+    """
+    if (
+        not _ONEDNN_LINEAR
+        or torch.is_grad_enabled()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return False
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def linear(
+    x: torch.Tensor,
+    layer: nn.Linear,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    onednn: bool = False,
+) -> torch.Tensor:
+    """``layer(x)``, then an exact GELU or ``+ residual`` if asked.
+
+    With ``onednn`` (see :func:`use_onednn`) the whole thing is one oneDNN kernel — the fused
+    linear kernels PyTorch's own CPU compiler emits — which skips the bias broadcast copy and the
+    separate elementwise pass of ``F.linear`` followed by the activation or the add.
+    """
+    if onednn:
+        weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+    out = F.linear(x, layer.weight, layer.bias)
+    if gelu:
+        out = F.gelu(out)
+    return out if residual is None else residual + out
+
+
+class ChannelMlp(nn.Module):
+    """Linear -> exact GELU -> Linear over the last dimension (timm's ``Mlp`` parameter names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        if onednn:
+            return linear(linear(x, self.fc1, gelu=True, onednn=True), self.fc2, residual=residual, onednn=True)
+        return linear(self.act(self.fc1(x)), self.fc2, residual=residual)
+
+
 class CycleMixer(nn.Module):
     """CycleMLP token mixer (called ``attn`` in the authors' code).
 
@@ -132,7 +199,10 @@ class CycleMixer(nn.Module):
     def _branch_layers(self) -> list[nn.Module]:
         return [fc for fc in (self.width_fc, self.height_fc, self.channel_fc) if fc is not None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        """Mix ``x`` (B, H, W, C); ``residual`` is added to the output (fused when ``onednn``)."""
         batch, height, width, dim = x.shape
         layers = self._branch_layers()
         n = len(layers)
@@ -155,63 +225,21 @@ class CycleMixer(nn.Module):
             rows = stacked.view(batch * height * width, n * dim)  # 2-D column slices: no copies
             out = None
             for k, fc in enumerate(layers):
-                y = F.linear(rows[:, k * dim:(k + 1) * dim], fc.weight, fc.bias).view(batch, -1, dim)
+                y = linear(rows[:, k * dim:(k + 1) * dim], fc, onednn=onednn).view(batch, -1, dim)
                 scale = a[:, None, :, k]
                 out = y * scale if out is None else out.addcmul_(y, scale)
-        return self.proj(out.view(batch, height, width, dim))
+        return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
 
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function written as the paper states it (branch outputs materialised).
-
-        Slower; used by the FLOP counter, whose convention counts each branch as its own layer.
-        """
+    def forward_plain(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        """The same function written as the paper states it (branch outputs materialised, plain
+        ops whatever ``onednn`` says). Slower; the FLOP counter uses it because the authors'
+        convention counts each branch as its own layer."""
         outs = [fc(x) for fc in self._branch_layers()]
         a = sum(outs).mean(dim=(1, 2))
         a = self.reweight(a).reshape(x.shape[0], 1, 1, self.dim, len(outs)).softmax(dim=-1)
-        return self.proj(sum(out * a[..., k] for k, out in enumerate(outs)))
-
-
-def _fused_gelu_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-_FUSED_GELU_LINEAR = _fused_gelu_linear_available()
-
-
-class ChannelMlp(nn.Module):
-    """Linear -> exact GELU -> Linear over the last dimension (timm's ``Mlp`` parameter names).
-
-    In CPU float32 inference the first Linear and the GELU run as one oneDNN kernel (bit-identical
-    to the separate ops, a pass over the widest activation saved); training, tracing, compiling
-    and other devices use the plain ops.
-    """
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def _fuse(self, x: torch.Tensor) -> bool:
-        if (
-            not _FUSED_GELU_LINEAR
-            or torch.is_grad_enabled()
-            or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-            or torch.jit.is_tracing()
-            or torch.jit.is_scripting()
-            or torch.compiler.is_compiling()
-        ):
-            return False
-        return x.device.type == "cpu" and x.dtype == self.fc1.weight.dtype == torch.float32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fuse(x):
-            hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
-            return self.fc2(hidden)
-        return self.forward_plain(x)
-
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(sum(out * a[..., k] for k, out in enumerate(outs)), self.proj, residual=residual)
 
 
 class CycleBlock(nn.Module):
@@ -234,9 +262,12 @@ class CycleBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and use_onednn(x):
+            # inference: the residual adds ride on the last Linear of each branch
+            x = self.mixer(self.norm1(x), residual=x, onednn=True)
+            return self.mlp(self.norm2(x), residual=x, onednn=True)
         x = x + self.drop_path(self.mixer(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ConvEmbed(nn.Module):
