@@ -92,7 +92,7 @@ def _as_table(offsets: torch.Tensor | Sequence[Sequence[int]]) -> OffsetTable:
 
 
 class _ShiftPlan(NamedTuple):
-    """How to build a shift stack for one feature-map size: a gather index into the unpadded map
+    """How to build a shift stack eagerly for one feature-map size: a gather index into the unpadded map
     (out-of-grid reads clamped to the edge) and the border strips whose clamped reads must be
     zeroed, as (dimension 1 or 2, leading or trailing, invalid-mask) entries."""
 
@@ -109,7 +109,7 @@ def _build_plan(
     src_y = torch.arange(height, device=device).view(height, 1, 1) + table[:, 0]  # (H, 1, KC)
     src_x = torch.arange(width, device=device).view(1, width, 1) + table[:, 1]  # (1, W, KC)
     flat = (src_y.clamp(0, height - 1) * width + src_x.clamp(0, width - 1)) * channels + source
-    index = flat.reshape(1, -1)
+    index = flat.reshape(1, height * width * len(source))  # explicit sizes: no export guards
     valid_y = (src_y >= 0) & (src_y < height)
     valid_x = (src_x >= 0) & (src_x < width)
     # Invalid reads only happen within the outer ph rows / pw columns.
@@ -130,10 +130,6 @@ _PLAN_CACHE_SIZE = 64
 
 
 def _plan_for(height: int, width: int, tables: tuple[OffsetTable, ...], device: torch.device) -> _ShiftPlan:
-    # Eager calls reuse the plan per feature-map size; traced and compiled graphs build it from
-    # the (possibly symbolic) sizes so that one graph serves every resolution.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not isinstance(height, int):
-        return _build_plan(height, width, tables, device)
     key = (height, width, str(device), tables)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
@@ -144,6 +140,8 @@ def _plan_for(height: int, width: int, tables: tuple[OffsetTable, ...], device: 
 
 
 def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
+    if torch.jit.is_tracing():
+        return  # a traced graph keeps no Python checks
     if x.dim() != 4:
         raise ValueError(
             f"{what} expects a channels-last tensor (B, H, W, C); got {x.dim()}-D input of shape "
@@ -170,14 +168,33 @@ def shift_stack(x: torch.Tensor, tables: Sequence[torch.Tensor | Sequence[Sequen
     if len(tables) == 1 and not any(dy or dx for dy, dx in tables[0]):
         return x
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return _gather_shift(x, tables)
+        return _padded_gather_shift(x, tables)
     return _ShiftStack.apply(x, tables)
 
 
+def _padded_gather_shift(x: torch.Tensor, tables: tuple[OffsetTable, ...]) -> torch.Tensor:
+    """Graph-mode shift (export, ONNX, compile, trace): zero pad by the largest offset, then one
+    gather whose index is computed from the (possibly symbolic) sizes, so one graph serves every
+    resolution with no shape guards."""
+    batch, height, width, channels = x.shape
+    pad_h = max(abs(dy) for t in tables for dy, _ in t)
+    pad_w = max(abs(dx) for t in tables for _, dx in t)
+    table = torch.tensor([pair for t in tables for pair in t], dtype=torch.long, device=x.device)
+    source = torch.arange(channels, device=x.device).repeat(len(tables))
+    rows = torch.arange(height, device=x.device).view(height, 1, 1) + (table[:, 0] + pad_h)
+    cols = torch.arange(width, device=x.device).view(1, width, 1) + (table[:, 1] + pad_w)
+    index = (rows * (width + 2 * pad_w) + cols) * channels + source  # (H, W, KC)
+    padded = F.pad(x, (0, 0, pad_w, pad_w, pad_h, pad_h))
+    padded = padded.reshape(batch, (height + 2 * pad_h) * (width + 2 * pad_w) * channels)
+    return padded[:, index]  # (B, H, W, KC) straight from the index's shape: no reshape guards
+
+
 def _gather_shift(x: torch.Tensor, tables: tuple[OffsetTable, ...]) -> torch.Tensor:
+    """Eager shift: gather with edge-clamped reads from the unpadded map (no padded copy), then
+    zero the thin border strips whose reads fell outside."""
     batch, height, width, channels = x.shape
     plan = _plan_for(height, width, tables, x.device)
-    out = torch.gather(x.reshape(batch, -1), 1, plan.index.expand(batch, -1))
+    out = torch.gather(x.reshape(batch, height * width * channels), 1, plan.index.expand(batch, -1))
     out = out.view(batch, height, width, len(tables) * channels)
     for dim, leading, invalid in plan.strips:
         size = invalid.shape[dim - 1]

@@ -225,7 +225,7 @@ class CycleMixer(nn.Module):
             rows = stacked.view(batch * height * width, n * dim)  # 2-D column slices: no copies
             out = None
             for k, fc in enumerate(layers):
-                y = linear(rows[:, k * dim:(k + 1) * dim], fc, onednn=onednn).view(batch, -1, dim)
+                y = linear(rows[:, k * dim:(k + 1) * dim], fc, onednn=onednn).view(batch, height * width, dim)
                 scale = a[:, None, :, k]
                 out = y * scale if out is None else out.addcmul_(y, scale)
         return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
@@ -328,6 +328,8 @@ class CycleStage(nn.Module):
 
 
 def _check_image(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    if torch.jit.is_tracing():
+        return  # a traced graph keeps no Python checks
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f"CycleMLP expects images of shape (B, {in_chans}, H, W); got {tuple(x.shape)}"
