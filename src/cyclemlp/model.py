@@ -26,7 +26,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
@@ -36,14 +35,16 @@ from timm.models.swin_transformer import PatchMerging
 
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
 from .cycle_fc import CycleFC, Pattern, normalize_stepsize, shift_stack
+from .functional import gelu_linear, linear, mix_branches, use_onednn
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
 
 BRANCHES: tuple[str, ...] = ("width", "height", "channel")
 
 # Leaves for torch.fx symbolic tracing (their bodies look at concrete shapes).
-torch.fx.wrap("shift_stack")
-register_notrace_function(shift_stack)
+for _leaf in ("shift_stack", "mix_branches", "gelu_linear"):
+    torch.fx.wrap(_leaf)
+    register_notrace_function(globals()[_leaf])
 
 
 @dataclass(frozen=True)
@@ -90,62 +91,12 @@ def branch_stepsizes(stepsize: int | Sequence[int]) -> tuple[tuple[int, int], tu
     return (sh, sw), (sw, sh)
 
 
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def use_onednn(x: torch.Tensor) -> bool:
-    """Whether the block may run its Linear layers as fused oneDNN kernels.
-
-    Only for CPU float32 inference in eager mode: with gradients, under tracing, compiling,
-    scripting or any dispatch mode (FLOP counters, fake tensors), and on other devices, the
-    plain ``torch.nn.functional`` ops run instead.
-    """
-    if (
-        not _ONEDNN_LINEAR
-        or torch.is_grad_enabled()
-        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-    ):
-        return False
-    return x.device.type == "cpu" and x.dtype == torch.float32
-
-
-def linear(
-    x: torch.Tensor,
-    layer: nn.Linear,
-    gelu: bool = False,
-    residual: torch.Tensor | None = None,
-    onednn: bool = False,
-) -> torch.Tensor:
-    """``layer(x)``, then an exact GELU or ``+ residual`` if asked.
-
-    With ``onednn`` (see :func:`use_onednn`) the whole thing is one oneDNN kernel — the fused
-    linear kernels PyTorch's own CPU compiler emits — which skips the bias broadcast copy and the
-    separate elementwise pass of ``F.linear`` followed by the activation or the add.
-    """
-    if onednn:
-        weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
-    out = F.linear(x, layer.weight, layer.bias)
-    if gelu:
-        out = F.gelu(out)
-    return out if residual is None else residual + out
-
-
 class ChannelMlp(nn.Module):
     """Linear -> exact GELU -> Linear over the last dimension (timm's ``Mlp`` parameter names)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(
@@ -153,7 +104,8 @@ class ChannelMlp(nn.Module):
     ) -> torch.Tensor:
         if onednn:
             return linear(linear(x, self.fc1, gelu=True, onednn=True), self.fc2, residual=residual, onednn=True)
-        return linear(self.act(self.fc1(x)), self.fc2, residual=residual)
+        out = gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        return out if residual is None else residual + out
 
 
 class CycleMixer(nn.Module):
@@ -215,19 +167,10 @@ class CycleMixer(nn.Module):
         pooled = F.linear(stacked.mean(dim=1), weight, bias.sum(dim=1))
         # reweight's output index is channel * n + branch
         a = self.reweight(pooled).reshape(batch, dim, n).softmax(dim=-1)  # (B, C, n)
-        if self.dim <= self.fold_max_dim:
-            # small dims: fold the branch weights into per-image weights (B, C, n*C), one bmm
-            mixed_weight = (weight.view(1, dim, n, dim) * a.unsqueeze(-1)).view(batch, dim, n * dim)
-            mixed_bias = (a * bias).sum(dim=-1).unsqueeze(1)  # (B, 1, C)
-            out = torch.baddbmm(mixed_bias, stacked, mixed_weight.transpose(1, 2))
-        else:
-            # large dims: per-image weights would outweigh the activations; weight the outputs
-            rows = stacked.view(batch * height * width, n * dim)  # 2-D column slices: no copies
-            out = None
-            for k, fc in enumerate(layers):
-                y = linear(rows[:, k * dim:(k + 1) * dim], fc, onednn=onednn).view(batch, height * width, dim)
-                scale = a[:, None, :, k]
-                out = y * scale if out is None else out.addcmul_(y, scale)
+        # small dims: one bmm with per-image folded weights; large dims (where per-image weights
+        # would outweigh the activations): n products and a weighted sum
+        fold = self.dim <= self.fold_max_dim
+        out = mix_branches(stacked, x, self.offset_tables, a, weight, bias, fold, onednn)
         return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
 
     def forward_plain(

@@ -15,7 +15,7 @@ from typing import Sequence
 from ..checkpoint import CheckpointError
 
 # Subcommand modules, in the order ``cyclemlp --help`` lists them.
-COMMANDS: tuple[str, ...] = ("flops", "export")
+COMMANDS: tuple[str, ...] = ("flops", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.options = [*getattr(args, "options", []), *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",

@@ -1,0 +1,440 @@
+"""The speed benchmark: Cycle FC alone, whole models, GEMM efficiency, memory, compile and ONNX.
+
+Everything is measured in ONE run on one machine, so the ratios in the report compare like with
+like. Run it from the repository root:
+
+    python -m benchmarks.run --output benchmarks/results          # or: cyclemlp bench
+    python -m benchmarks.run --quick                              # a smoke run (minutes)
+
+It prints the tables, writes ``results.json``, ``cycle_fc.csv``, ``models.csv``, ``report.md``
+and ``models.png`` into ``--output``, and checks the project's speed targets against the measured
+ratios (the check never changes the numbers; it only reads them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+import timm  # noqa: E402
+
+import cyclemlp  # noqa: E402,F401  (registers the models)
+from benchmarks.deform_reference import DeformCycleFC, deform_model  # noqa: E402
+from cyclemlp import CycleFC, count_cost  # noqa: E402
+from cyclemlp.checkpoint import atomic_write  # noqa: E402
+
+B1_STAGES = [(56, 64), (28, 128), (14, 320), (7, 512)]  # (side, channels) of B1 at 224
+PEERS = ["pvt_v2_b1", "pvt_v2_b2", "resnet50", "swin_tiny_patch4_window7_224", "convnext_tiny", "poolformer_s24"]
+DEFORM = {"deform_b1": "cyclemlp_b1", "deform_b2": "cyclemlp_b2"}
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, repeats: int) -> float:
+    """fp32 GEMM throughput in GFLOP/s: the best of a few large square products."""
+    best = 0.0
+    for n in (1024, 2048):
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        seconds = timeit(lambda: a @ b, device, repeats)
+        best = max(best, 2 * n**3 / seconds / 1e9)
+    return best
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def build(name: str) -> nn.Module:
+    if name in DEFORM:
+        return deform_model(DEFORM[name])
+    return timm.create_model(name)
+
+
+def nominal_flops(name: str) -> int:
+    """FLOPs per 224 image in PyTorch's convention (the deform network counts as its twin)."""
+    return count_cost(timm.create_model(DEFORM.get(name, name)), 224).flops
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _memory_probe(name: str, batch: int, device: str, queue: mp.Queue) -> None:
+    """In a fresh process: the peak memory one training step adds on top of the model, its
+    gradients' absence and the AdamW state (activations, gradients, temporaries)."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build(name).to(dev).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # allocate the optimizer state up front
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    x = torch.randn(batch, 3, 224, 224, device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        _train_step(model, optimizer, x, y)
+        torch.cuda.synchronize(dev)
+        queue.put(torch.cuda.max_memory_allocated(dev) - base)
+        return
+    try:  # give freed heap pages back so the baseline is what is really live
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    _train_step(model, optimizer, x, y)
+    done.set()
+    watcher.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    queue.put(peak[0] - base)
+
+
+def train_step_peak_mb(name: str, batch: int, device: torch.device) -> float | None:
+    if device.type == "cpu" and not os.path.exists("/proc/self/statm"):
+        return None
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_probe, args=(name, batch, str(device), queue))
+    proc.start()
+    proc.join()
+    return queue.get(timeout=5) / 2**20 if proc.exitcode == 0 else None
+
+
+def bench_cycle_fc(batches: list[int], device: torch.device, repeats: int) -> list[dict]:
+    """Cycle FC (1x3, official pattern) vs the deform formulation vs a plain Linear."""
+    rows = []
+    for batch in batches:
+        for side, dim in B1_STAGES:
+            layers = {
+                "cyclemlp": CycleFC(dim, dim, (1, 3)),
+                "deform_conv2d": DeformCycleFC(dim, dim, (1, 3)),
+                "linear": nn.Linear(dim, dim),
+            }
+            x = torch.randn(batch, side, side, dim, device=device)
+            for impl, layer in layers.items():
+                layer = layer.to(device)
+                with torch.no_grad():
+                    fwd = timeit(lambda: layer(x), device, repeats)
+                xg = x.clone().requires_grad_(True)
+                grad = torch.randn(batch, side, side, dim, device=device)
+                fwd_bwd = timeit(lambda: layer(xg).backward(grad), device, repeats)
+                rows.append(dict(batch=batch, shape=f"{side}x{side}x{dim}", impl=impl,
+                                 fwd_ms=fwd * 1e3, fwd_bwd_ms=fwd_bwd * 1e3))
+    return rows
+
+
+def bench_models(names: list[str], batch: int, device: torch.device, repeats: int,
+                 train_repeats: int, memory: bool) -> list[dict]:
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build(name).to(device).eval()
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        x1 = x[:1].clone()
+        with torch.no_grad():
+            infer = timeit(lambda: model(x), device, repeats)
+            latency = timeit(lambda: model(x1), device, max(repeats, 5))
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        train = timeit(lambda: _train_step(model, optimizer, x, y), device, train_repeats)
+        flops = nominal_flops(name)
+        rows.append(dict(
+            model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+            gflops_per_img=flops / 1e9, infer_img_s=batch / infer, latency_ms=latency * 1e3,
+            train_img_s=batch / train, achieved_gflop_s=flops * batch / infer / 1e9,
+            train_peak_mb=train_step_peak_mb(name, batch, device) if memory else None,
+        ))
+        print(f"  {name}: {rows[-1]['infer_img_s']:.2f} img/s", flush=True)
+        del model, optimizer
+    return rows
+
+
+def bench_graph_modes(names: list[str], batch: int, device: torch.device, repeats: int) -> list[dict]:
+    """Inference in eager, torch.compile and (CPU) ONNX Runtime for a few models."""
+    from cyclemlp.export import export_model
+
+    rows = []
+    for name in names:
+        model = timm.create_model(name).to(device).eval()
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        with torch.no_grad():
+            eager = timeit(lambda: model(x), device, repeats)
+            start = time.perf_counter()
+            compiled = torch.compile(model)
+            compiled(x)
+            compile_s = time.perf_counter() - start
+            fast = timeit(lambda: compiled(x), device, repeats)
+        row = dict(model=name, eager_img_s=batch / eager, compile_img_s=batch / fast, compile_s=compile_s,
+                   onnxruntime_img_s=None)
+        if device.type == "cpu":
+            import onnxruntime as ort
+
+            with tempfile.TemporaryDirectory() as tmp:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    path = export_model(model, Path(tmp) / f"{name}.onnx", "onnx").path
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                feed = {"image": x.numpy()}
+                row["onnxruntime_img_s"] = batch / timeit(lambda: session.run(None, feed), device, repeats)
+        rows.append(row)
+        print(f"  {name}: eager {row['eager_img_s']:.2f}, compile {row['compile_img_s']:.2f} img/s", flush=True)
+        del model, compiled
+        torch._dynamo.reset()
+    return rows
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The project's speed targets, evaluated on this run's numbers."""
+    fc = {(r["batch"], r["shape"], r["impl"]): r for r in results["cycle_fc"]}
+    models = {r["model"]: r for r in results["models"]}
+    checks = []
+
+    def add(what: str, value: float | None, goal: float, higher: bool = True) -> None:
+        ok = value is not None and (value >= goal if higher else value <= goal)
+        checks.append(dict(target=what, value=value, goal=("≥ " if higher else "≤ ") + f"{goal:g}", met=ok))
+
+    for batch in sorted({r["batch"] for r in results["cycle_fc"]}):
+        stage1 = f"{B1_STAGES[0][0]}x{B1_STAGES[0][0]}x{B1_STAGES[0][1]}"
+        add(f"Cycle FC fwd+bwd vs deform, {stage1}, batch {batch} (x faster)",
+            _ratio(fc[(batch, stage1, "deform_conv2d")]["fwd_bwd_ms"], fc[(batch, stage1, "cyclemlp")]["fwd_bwd_ms"]), 15)
+        for side, dim in B1_STAGES:
+            shape = f"{side}x{side}x{dim}"
+            add(f"Cycle FC fwd+bwd / Linear, {shape}, batch {batch}",
+                _ratio(fc[(batch, shape, "cyclemlp")]["fwd_bwd_ms"], fc[(batch, shape, "linear")]["fwd_bwd_ms"]), 1.3, False)
+
+    def infer(name: str) -> float | None:
+        return models.get(name, {}).get("infer_img_s")
+
+    add("cyclemlp_b1 inference / deform B1", _ratio(infer("cyclemlp_b1"), infer("deform_b1")), 3)
+    add("cyclemlp_b1 inference / pvt_v2_b1", _ratio(infer("cyclemlp_b1"), infer("pvt_v2_b1")), 1.5)
+    for peer in ("resnet50", "swin_tiny_patch4_window7_224", "pvt_v2_b2"):
+        add(f"cyclemlp_b2 inference / {peer}", _ratio(infer("cyclemlp_b2"), infer(peer)), 1.0)
+    add("cyclemlp_b1 training / deform B1",
+        _ratio(models.get("cyclemlp_b1", {}).get("train_img_s"), models.get("deform_b1", {}).get("train_img_s")), 4)
+    add("cyclemlp_b2 achieved GFLOP/s / matmul peak",
+        _ratio(models.get("cyclemlp_b2", {}).get("achieved_gflop_s"), results["matmul_peak_gflop_s"]), 0.65)
+    add("cyclemlp_b1 train-step peak memory / deform B1",
+        _ratio(models.get("cyclemlp_b1", {}).get("train_peak_mb"), models.get("deform_b1", {}).get("train_peak_mb")),
+        0.7, False)
+    return checks
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, output: Path) -> str:
+    env = results["environment"]
+    parts = [
+        f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads, device {env['device']}; "
+        f"fp32 matmul peak {results['matmul_peak_gflop_s']:.1f} GFLOP/s (measured in this run).",
+        f"Command: `{env['command']}`",
+        "",
+        "Cycle FC alone (ms, median):",
+        markdown_table(results["cycle_fc"], ["batch", "shape", "impl", "fwd_ms", "fwd_bwd_ms"]),
+        "",
+        f"Whole models at 224x224 (inference and training batch {results['batch']}, latency batch 1):",
+        markdown_table(results["models"], ["model", "params_m", "gflops_per_img", "infer_img_s", "latency_ms",
+                                           "train_img_s", "achieved_gflop_s", "train_peak_mb"]),
+    ]
+    if results.get("graph_modes"):
+        parts += ["", "Graph modes (inference img/s):",
+                  markdown_table(results["graph_modes"], ["model", "eager_img_s", "compile_img_s", "compile_s",
+                                                          "onnxruntime_img_s"])]
+    parts += ["", "Targets:", markdown_table(results["targets"], ["target", "value", "goal", "met"])]
+    text = "\n".join(parts) + "\n"
+    atomic_write(output / "report.md", lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
+def write_files(results: dict, output: Path) -> None:
+    atomic_write(output / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    for key, name in (("cycle_fc", "cycle_fc.csv"), ("models", "models.csv"), ("graph_modes", "graph_modes.csv")):
+        rows = results.get(key) or []
+        if not rows:
+            continue
+
+        def write_csv(tmp: str, rows: list[dict] = rows) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(output / name, write_csv)
+    plot(results, output / "models.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    models = results["models"]
+    names = [r["model"].replace("_patch4_window7_224", "") for r in models]
+    colors = ["tab:red" if n.startswith("cyclemlp") else "tab:gray" if n.startswith("deform") else "tab:blue"
+              for n in names]
+    for ax, key, title in ((axes[0], "infer_img_s", f"inference img/s (batch {results['batch']})"),
+                           (axes[1], "train_img_s", f"training img/s (batch {results['batch']})")):
+        ax.barh(names, [r[key] for r in models], color=colors)
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fc = [r for r in results["cycle_fc"] if r["batch"] == max(r["batch"] for r in results["cycle_fc"])]
+    shapes = [f"{s}x{s}x{d}" for s, d in B1_STAGES]
+    width = 0.27
+    for i, impl in enumerate(("cyclemlp", "deform_conv2d", "linear")):
+        values = [next(r["fwd_bwd_ms"] for r in fc if r["shape"] == s and r["impl"] == impl) for s in shapes]
+        axes[2].bar([j + (i - 1) * width for j in range(len(shapes))], values, width, label=impl)
+    axes[2].set_xticks(range(len(shapes)), shapes)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("ms (log)")
+    axes[2].set_title(f"Cycle FC forward+backward, batch {fc[0]['batch']}")
+    axes[2].legend()
+    fig.suptitle(f"{results['environment']['machine']} — one run")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="benchmarks/results", help="folder for the report files")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32, help="inference/training batch (default 32)")
+    parser.add_argument("--fc-batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--models", nargs="+", default=["cyclemlp_b1", "cyclemlp_b2", *DEFORM, *PEERS])
+    parser.add_argument("--graph-models", nargs="*", default=["cyclemlp_b1", "cyclemlp_b2", "pvt_v2_b1", "resnet50"],
+                        help="models also timed under torch.compile and ONNX Runtime (none: skip)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the training-step memory probes")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: batch 4, B1 and its deform twin + pvt_v2_b1, 2 repeats, no graph modes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.fc_batches, args.repeats, args.train_repeats = 4, [4], 2, 1
+        args.models, args.graph_models = ["cyclemlp_b1", "deform_b1", "pvt_v2_b1"], []
+    if args.batch < 1 or args.repeats < 1 or args.train_repeats < 1:
+        parser.error("--batch, --repeats and --train-repeats must be positive")
+    unknown = [m for m in args.models + args.graph_models if m not in DEFORM and not timm.is_model(m)]
+    if unknown:
+        parser.error(f"unknown model(s): {unknown}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    results: dict = dict(environment=dict(
+        machine=f"{name}, {os.cpu_count()} CPU cores", torch=torch.__version__, threads=torch.get_num_threads(),
+        device=str(device), command=command.strip(), date=time.strftime("%Y-%m-%d %H:%M"),
+    ), batch=args.batch)
+    print("matmul peak ...", flush=True)
+    results["matmul_peak_gflop_s"] = matmul_peak(device, args.repeats)
+    print("Cycle FC ...", flush=True)
+    results["cycle_fc"] = bench_cycle_fc(args.fc_batches, device, args.repeats)
+    print("models ...", flush=True)
+    results["models"] = bench_models(args.models, args.batch, device, args.repeats, args.train_repeats,
+                                     memory=not args.no_memory)
+    if args.graph_models:
+        print("graph modes ...", flush=True)
+        results["graph_modes"] = bench_graph_modes(args.graph_models, args.batch, device, args.repeats)
+    results["targets"] = check_targets(results)
+    write_files(results, output)
+    print(write_report(results, output))
+    print(f"wrote {output}/results.json, report.md, *.csv, models.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

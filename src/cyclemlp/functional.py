@@ -1,0 +1,194 @@
+"""Fast and memory-lean kernels of the CycleMLP block, written with PyTorch ops.
+
+Inference on CPU runs the block's Linear layers as fused oneDNN kernels (:func:`linear`,
+:func:`use_onednn`).
+
+Autograd would keep every intermediate a block produces. Two custom backward passes keep only
+what is cheap to have and recompute the rest:
+
+* :func:`mix_branches` — the token mixer's softmax-weighted sum of its branch outputs. Autograd
+  would store the 3x wider stack of shifted inputs (or the three branch outputs); here only the
+  mixer input is stored and the stack is rebuilt by one gather in the backward pass. The gradients
+  of the weights and of the mixing coefficients come from one per-image product ``g^T @ stack``,
+  so no branch output is ever needed.
+* :func:`gelu_linear` — ``Linear(GELU(h))``: stores ``h`` only, not also ``GELU(h)``.
+
+Both fall back to plain autograd under tracing/compiling and skip the bookkeeping without grads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .cycle_fc import OffsetTable, _gather_shift
+
+__all__ = ["gelu_linear", "linear", "mix_branches", "use_onednn"]
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether the block may run its Linear layers as fused oneDNN kernels.
+
+    Only for CPU float32 inference in eager mode: with gradients, under tracing, compiling,
+    scripting or any dispatch mode (FLOP counters, fake tensors), and on other devices, the
+    plain ``torch.nn.functional`` ops run instead.
+    """
+    if (
+        not _ONEDNN_LINEAR
+        or torch.is_grad_enabled()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return False
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def linear(
+    x: torch.Tensor,
+    layer: nn.Linear,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    onednn: bool = False,
+) -> torch.Tensor:
+    """``layer(x)``, then an exact GELU or ``+ residual`` if asked.
+
+    With ``onednn`` (see :func:`use_onednn`) the whole thing is one oneDNN kernel — the fused
+    linear kernels PyTorch's own CPU compiler emits — which skips the bias broadcast copy and the
+    separate elementwise pass of ``F.linear`` followed by the activation or the add.
+    """
+    if onednn:
+        weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+    out = F.linear(x, layer.weight, layer.bias)
+    if gelu:
+        out = F.gelu(out)
+    return out if residual is None else residual + out
+
+
+def _plain_graph() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.is_grad_enabled()
+
+
+def _mix(
+    stacked: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool, onednn: bool = False
+) -> torch.Tensor:
+    batch, positions, _ = stacked.shape
+    dim, n = bias.shape
+    if fold:
+        # per-image weights a_k[o] * W_k[o, i] (B, C, n*C) and bias sum_k a_k b_k: one bmm
+        mixed_weight = (weight.view(1, dim, n, dim) * a.unsqueeze(-1)).view(batch, dim, n * dim)
+        mixed_bias = (a * bias).sum(dim=-1).unsqueeze(1)
+        return torch.baddbmm(mixed_bias, stacked, mixed_weight.transpose(1, 2))
+    # weighted sum of the branch outputs; 2-D column slices of the stack need no copies
+    rows = stacked.reshape(batch * positions, n * dim)
+    out = None
+    for k in range(n):
+        w, b = weight[:, k * dim:(k + 1) * dim], bias[:, k]
+        if onednn:
+            y = torch.ops.mkldnn._linear_pointwise(rows[:, k * dim:(k + 1) * dim], w.contiguous(), b.contiguous(), "none", [], "")
+        else:
+            y = F.linear(rows[:, k * dim:(k + 1) * dim], w, b)
+        y = y.view(batch, positions, dim)
+        scale = a[:, None, :, k]
+        out = y * scale if out is None else out.addcmul_(y, scale)
+    return out
+
+
+class _MixBranches(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stacked, x, tables, a, weight, bias, fold):  # type: ignore[override]
+        ctx.tables = tables
+        ctx.save_for_backward(x, a, weight, bias)
+        return _mix(stacked, a, weight, bias, fold)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, a, weight, bias = ctx.saved_tensors
+        batch, positions, dim = grad.shape
+        n = bias.shape[1]
+        stacked = _gather_shift(x, ctx.tables).view(batch, positions, n * dim)  # recomputed
+        grad = grad.contiguous()
+        w = weight.view(1, dim, n, dim)
+        grad_stacked = grad_a = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            per_image = torch.bmm(grad.transpose(1, 2), stacked).view(batch, dim, n, dim)  # g^T S
+            grad_sum = grad.sum(dim=1)  # (B, C)
+            if ctx.needs_input_grad[3]:
+                grad_a = (per_image * w).sum(dim=-1) + bias * grad_sum.unsqueeze(-1)
+            if ctx.needs_input_grad[4]:
+                grad_weight = (per_image * a.unsqueeze(-1)).sum(dim=0).view(dim, n * dim)
+            if ctx.needs_input_grad[5]:
+                grad_bias = (a * grad_sum.unsqueeze(-1)).sum(dim=0)
+        elif ctx.needs_input_grad[5]:
+            grad_bias = (a * grad.sum(dim=1).unsqueeze(-1)).sum(dim=0)
+        if ctx.needs_input_grad[0]:
+            mixed_weight = (w * a.unsqueeze(-1)).view(batch, dim, n * dim)
+            grad_stacked = torch.bmm(grad, mixed_weight)
+        return grad_stacked, None, None, grad_a, grad_weight, grad_bias, None
+
+
+def mix_branches(
+    stacked: torch.Tensor,
+    x: torch.Tensor,
+    tables: tuple[OffsetTable, ...],
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    fold: bool,
+    onednn: bool = False,
+) -> torch.Tensor:
+    """``sum_k a[:, None, :, k] * (S_k @ W_k^T + b_k)`` for the stack ``S = [S_1 | ... | S_n]``.
+
+    Args:
+        stacked: ``(B, N, n*C)`` shifted inputs of the n branches (``shift_stack(x, tables)``).
+        x: ``(B, H, W, C)`` the mixer input the stack was built from (kept for the backward).
+        tables: the offset tables of the stack.
+        a: ``(B, C, n)`` mixing coefficients.
+        weight: ``(C, n*C)`` branch weights side by side; bias: ``(C, n)``.
+        fold: compute the forward as one bmm with per-image folded weights (cheaper for small C)
+            instead of n products and a weighted sum.
+        onednn: inference only, run the n products as oneDNN kernels (see :func:`use_onednn`).
+    Returns ``(B, N, C)``.
+    """
+    if _plain_graph():
+        return _mix(stacked, a, weight, bias, fold, onednn)
+    return _MixBranches.apply(stacked, x, tables, a, weight, bias, fold)
+
+
+class _GeluLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(hidden), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad_weight = grad_bias = None
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.ops.aten.gelu_backward(grad @ weight, hidden)
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1])  # GELU recomputed
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(dim=0)
+        return grad_hidden, grad_weight, grad_bias
+
+
+def gelu_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(F.gelu(hidden), weight, bias)`` (exact GELU) keeping only ``hidden`` for backward."""
+    if _plain_graph():
+        return F.linear(F.gelu(hidden), weight, bias)
+    return _GeluLinear.apply(hidden, weight, bias)
