@@ -1,0 +1,43 @@
+"""The benchmark's target check reads the measured ratios correctly (no timing is asserted)."""
+
+from benchmarks.run import B1_STAGES, check_targets, markdown_table
+
+
+def _results(speedup: float, linear_ratio: float) -> dict:
+    cycle_fc = []
+    for side, dim in B1_STAGES:
+        shape = f"{side}x{side}x{dim}"
+        cycle_fc += [
+            dict(batch=8, shape=shape, impl="linear", fwd_ms=1.0, fwd_bwd_ms=10.0),
+            dict(batch=8, shape=shape, impl="cyclemlp", fwd_ms=1.0, fwd_bwd_ms=10.0 * linear_ratio),
+            dict(batch=8, shape=shape, impl="deform_conv2d", fwd_ms=1.0, fwd_bwd_ms=10.0 * linear_ratio * speedup),
+        ]
+    models = [
+        dict(model="cyclemlp_b1", infer_img_s=30.0, train_img_s=8.0, train_peak_mb=600.0),
+        dict(model="deform_b1", infer_img_s=10.0, train_img_s=2.0, train_peak_mb=1000.0),
+        dict(model="pvt_v2_b1", infer_img_s=20.0),
+        dict(model="cyclemlp_b2", infer_img_s=12.0, achieved_gflop_s=70.0),
+        dict(model="resnet50", infer_img_s=11.0),
+        dict(model="swin_tiny_patch4_window7_224", infer_img_s=9.0),
+        dict(model="pvt_v2_b2", infer_img_s=8.0),
+    ]
+    return dict(cycle_fc=cycle_fc, models=models, matmul_peak_gflop_s=100.0)
+
+
+def test_targets_met_and_missed():
+    checks = {c["target"]: c for c in check_targets(_results(speedup=20, linear_ratio=1.2))}
+    assert all(c["met"] for c in checks.values())
+    assert checks["cyclemlp_b1 inference / deform B1"]["value"] == 3.0
+    assert checks["cyclemlp_b2 achieved GFLOP/s / matmul peak"]["value"] == 0.7
+    missed = {c["target"]: c for c in check_targets(_results(speedup=10, linear_ratio=1.4))}
+    assert not missed["Cycle FC fwd+bwd vs deform, 56x56x64, batch 8 (x faster)"]["met"]
+    assert not missed["Cycle FC fwd+bwd / Linear, 7x7x512, batch 8"]["met"]
+
+
+def test_missing_models_are_not_met():
+    results = _results(20, 1.2)
+    results["models"] = results["models"][:1]
+    checks = {c["target"]: c for c in check_targets(results)}
+    assert checks["cyclemlp_b2 inference / resnet50"]["value"] is None
+    assert not checks["cyclemlp_b2 inference / resnet50"]["met"]
+    assert "| - |" in markdown_table([dict(a=None)], ["a"])
