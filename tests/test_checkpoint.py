@@ -200,3 +200,42 @@ def test_ddp_prefix_and_ordered_dict(tmp_path, authors_b1):
     assert load_checkpoint(model, path).loaded == 202
     assert cyclemlp.checkpoint.describe_offsets(model.stages[0].blocks[0].mixer.height_fc.offset_table) \
         == "stepsize (3, 1), pattern 'official'"
+
+
+def _to_assumed_swin_layout(model) -> dict:
+    """The project's T/S/B keys renamed to the Swin-style layout the loader assumes for the
+    authors' unreleased T/S/B code (patch_embed / layers.i.blocks.j.attn.* / layers.i.downsample)."""
+    import re
+
+    out = {}
+    for key, value in model.state_dict().items():
+        new = key.replace("stem.", "patch_embed.", 1)
+        m = re.match(r"stages\.(\d+)\.downsample\.(.*)", key)
+        if m:
+            new = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key)
+        if m:
+            rest = (m.group(3).replace("mixer.width_fc.", "attn.sfc_h.").replace("mixer.height_fc.", "attn.sfc_w.")
+                    .replace("mixer.channel_fc.", "attn.mlp_c.").replace("mixer.", "attn."))
+            new = f"layers.{m.group(1)}.blocks.{m.group(2)}.{rest}"
+            if rest.endswith(("sfc_h.weight", "sfc_w.weight")):
+                value = value[:, :, None, None]
+        out[new] = value
+    for name, module in model.named_modules():
+        if isinstance(module, cyclemlp.CycleFC):
+            m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.mixer\.(width|height)_fc", name)
+            branch = "sfc_h" if m.group(3) == "width" else "sfc_w"
+            out[f"layers.{m.group(1)}.blocks.{m.group(2)}.attn.{branch}.offset"] = \
+                module.offsets.float().reshape(1, -1, 1, 1)
+    return out
+
+
+def test_swin_layout_tiny(tmp_path):
+    source = timm.create_model("cyclemlp_t").eval()
+    path = tmp_path / "CycleMLP_tiny.pth"
+    torch.save({"model": _to_assumed_swin_layout(source)}, path)
+    model = timm.create_model("cyclemlp_t").eval()
+    report = load_checkpoint(model, path)
+    assert report.layout == "authors'" and report.loaded == report.total
+    x = torch.randn(1, 3, 96, 160)
+    torch.testing.assert_close(_logits(model, x), _logits(source, x))
