@@ -219,3 +219,14 @@ def test_training_gradients_match_authors_network():
         mapped = cyclemlp.checkpoint.convert_state_dict({key: param.grad}, model)
         (name, grad), = mapped.items()
         torch.testing.assert_close(ours[name].grad, grad, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_autocast_training_step():
+    model = CycleMLP(depths=(1, 1, 1, 1), dims=(16, 32, 48, 160), num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(dim=1).mean()
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name

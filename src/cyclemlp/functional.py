@@ -117,8 +117,12 @@ class _MixBranches(torch.autograd.Function):
         x, a, weight, bias = ctx.saved_tensors
         batch, positions, dim = grad.shape
         n = bias.shape[1]
-        stacked = _gather_shift(x, ctx.tables).view(batch, positions, n * dim)  # recomputed
         grad = grad.contiguous()
+        # under autocast the saved tensors and the gradient can differ in precision: compute in
+        # the gradient's, hand back each gradient in its input's
+        dtypes = (a.dtype, weight.dtype, bias.dtype)
+        x, a, weight, bias = (t.to(grad.dtype) for t in (x, a, weight, bias))
+        stacked = _gather_shift(x, ctx.tables).view(batch, positions, n * dim)  # recomputed
         w = weight.view(1, dim, n, dim)
         grad_stacked = grad_a = grad_weight = grad_bias = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
@@ -135,6 +139,9 @@ class _MixBranches(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             mixed_weight = (w * a.unsqueeze(-1)).view(batch, dim, n * dim)
             grad_stacked = torch.bmm(grad, mixed_weight)
+        grad_a, grad_weight, grad_bias = (
+            g if g is None else g.to(dt) for g, dt in zip((grad_a, grad_weight, grad_bias), dtypes)
+        )
         return grad_stacked, None, None, grad_a, grad_weight, grad_bias, None
 
 
@@ -179,11 +186,12 @@ class _GeluLinear(torch.autograd.Function):
         grad_hidden = grad_weight = grad_bias = None
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_hidden = torch.ops.aten.gelu_backward(grad @ weight, hidden)
+            grad_hidden = torch.ops.aten.gelu_backward((grad @ weight.to(grad.dtype)).to(hidden.dtype), hidden)
         if ctx.needs_input_grad[1]:
-            grad_weight = rows.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1])  # GELU recomputed
+            act = F.gelu(hidden).reshape(-1, hidden.shape[-1]).to(grad.dtype)  # GELU recomputed
+            grad_weight = (rows.t() @ act).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(dim=0)
+            grad_bias = rows.sum(dim=0).to(weight.dtype)
         return grad_hidden, grad_weight, grad_bias
 
 
