@@ -12,3 +12,15 @@ def parse_weights(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--weights takes MODEL=FILE, got {pair!r}")
         weights[name] = path
     return weights
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512"`` -> (512, 512); ``"512x1024"`` -> (512, 1024) (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise ValueError(f"an input size is N or HxW with positive integers, got {text!r}")
+    return values[0], values[-1]
