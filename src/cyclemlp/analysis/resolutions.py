@@ -165,6 +165,7 @@ def run_resolutions(
     batch_size: int = 1,
     repeats: int = 3,
     device: str = "cpu",
+    threads: int | None = None,
     out_dir: str | os.PathLike = "resolutions",
 ) -> list[SizeResult]:
     """Measure every model at every size; write ``resolutions.csv``, ``resolutions.json`` and
@@ -176,6 +177,9 @@ def run_resolutions(
         batch_size: images per forward pass.
         repeats: timed passes per size (the median is reported).
         device: ``"cpu"`` or a CUDA device.
+        threads: CPU threads for the run (None: torch's default). On a machine shared with other
+            jobs one thread gives steadier latencies: several threads wait for each other at every
+            operator whenever one of them is descheduled.
         out_dir: output folder (created).
     """
     if batch_size < 1 or repeats < 1:
@@ -186,14 +190,22 @@ def run_resolutions(
     device_ = torch.device(device)
     if device_.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1; got {threads}")
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
     results = []
-    for name in models:
-        model = build_model(name).to(device_)
-        for size in sorted(sizes, key=lambda s: s[0] * s[1]):
-            results.append(measure_size(model, name, tuple(size), batch_size, repeats, device_))
-        del model
+    try:
+        for name in models:
+            model = build_model(name).to(device_)
+            for size in sorted(sizes, key=lambda s: s[0] * s[1]):
+                results.append(measure_size(model, name, tuple(size), batch_size, repeats, device_))
+            del model
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default_threads)
     meta = dict(
-        batch_size=batch_size, repeats=repeats, device=str(device_), threads=torch.get_num_threads(),
+        batch_size=batch_size, repeats=repeats, device=str(device_), threads=used_threads,
         torch=torch.__version__,
         memory_method=("torch.cuda.max_memory_allocated" if device_.type == "cuda" else
                        "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before" if cpu_peak_supported()

@@ -28,13 +28,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per size, median reported (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's); 1 gives steadier latencies on a busy machine")
     parser.add_argument("--out", default="resolutions", help="output folder (default ./resolutions)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     sizes = [parse_size(s) for s in args.sizes]
-    results = run_resolutions(args.models, sizes, args.batch_size, args.repeats, args.device, args.out)
+    results = run_resolutions(args.models, sizes, args.batch_size, args.repeats, args.device,
+                              args.threads, args.out)
     print(format_table(
         [[r.model, f"{r.height}x{r.width}", r.params_m,
           *(("-" if v is None else v) for v in (r.gmacs, r.latency_ms, r.peak_mem_mb)),
