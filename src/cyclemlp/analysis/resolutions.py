@@ -53,6 +53,7 @@ class SizeResult:
     params_m: float
     gmacs: float | None
     latency_ms: float | None
+    cpu_ms: float | None
     peak_mem_mb: float | None
     error: str | None = None
 
@@ -75,13 +76,15 @@ def measure_size(
     """Measure one model at one input size.
 
     The FLOP count's forward pass doubles as the warm-up; then one pass measures peak memory and
-    ``repeats`` passes the latency (median, milliseconds per batch). GMACs are per image in the
+    ``repeats`` passes the latency (median, milliseconds per batch) in wall-clock time and in
+    CPU time of this process (all its threads summed: with one thread, the compute time whatever
+    else the machine runs). GMACs are per image in the
     authors' convention (:func:`cyclemlp.count_cost`); peak memory is per batch.
     """
     device = torch.device(device)
     height, width = size
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    result = SizeResult(name, height, width, height * width, round(params_m, 3), None, None, None)
+    result = SizeResult(name, height, width, height * width, round(params_m, 3), None, None, None, None)
     x = torch.randn(batch_size, getattr(model, "in_chans", 3), height, width, device=device)
     try:
         macs = count_cost(model, size).macs
@@ -91,14 +94,17 @@ def measure_size(
     result.gmacs = round(macs / 1e9, 4)
     peak = peak_memory(lambda: model(x), device)
     result.peak_mem_mb = None if peak is None else round(peak / 2**20, 1)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model(x)
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     result.latency_ms = round(1000 * statistics.median(times), 2)
+    if device.type == "cpu":
+        result.cpu_ms = round(1000 * statistics.median(cpu_times), 2)
     return result
 
 
@@ -121,10 +127,10 @@ def resolutions_figure(results: Sequence[SizeResult], meta: dict) -> "object":
     """Log-log panels of GMACs, latency and peak memory against the number of pixels."""
     from matplotlib.figure import Figure
 
-    fields = [("gmacs", "GMACs (per image)"), ("latency_ms", "latency (ms / batch)"),
-              ("peak_mem_mb", "peak memory (MiB / batch)")]
+    fields = [("gmacs", "GMACs (per image)"), ("latency_ms", "wall-clock latency (ms / batch)"),
+              ("cpu_ms", "process CPU time (ms / batch)"), ("peak_mem_mb", "peak memory (MiB / batch)")]
     fields = [f for f in fields if any(getattr(r, f[0]) is not None for r in results)]
-    figure = Figure(figsize=(5.0 * len(fields), 4.6))
+    figure = Figure(figsize=(4.6 * len(fields), 4.6))
     axes = figure.subplots(1, len(fields), squeeze=False)[0]
     names = list(dict.fromkeys(r.model for r in results))
     colours = {name: f"C{i}" for i, name in enumerate(names)}

@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
                               args.threads, args.out)
     print(format_table(
         [[r.model, f"{r.height}x{r.width}", r.params_m,
-          *(("-" if v is None else v) for v in (r.gmacs, r.latency_ms, r.peak_mem_mb)),
+          *(("-" if v is None else v) for v in (r.gmacs, r.latency_ms, r.cpu_ms, r.peak_mem_mb)),
           r.error or "ok"] for r in results],
-        ["model", "input", "params (M)", "GMACs", "latency (ms)", "peak mem (MiB)", "status"],
+        ["model", "input", "params (M)", "GMACs", "latency (ms)", "CPU (ms)", "peak mem (MiB)", "status"],
     ))
     print(f"wrote {args.out}/resolutions.csv, resolutions.json, resolutions.png")
     return 0
