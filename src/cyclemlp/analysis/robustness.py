@@ -15,14 +15,32 @@ normalisation, as ImageNet-C images were made at the network's input size.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Mapping, Sequence
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose
 
-from .corruptions import CORRUPTIONS, SEVERITIES
+from .corruptions import CORRUPTIONS, SEVERITIES, Corruption
+from .report import save_figure, write_rows
 
-__all__ = ["corruption_summary", "robustness_figure"]
+__all__ = [
+    "EvalModel",
+    "corruption_errors",
+    "corruption_summary",
+    "load_eval_model",
+    "read_baseline",
+    "robustness_figure",
+    "run_robustness",
+]
 
 Errors = Mapping[str, Mapping[int, float]]  # corruption -> severity -> top-1 error (0-1)
 
@@ -115,3 +133,215 @@ def robustness_figure(
     right.grid(True, alpha=0.3)
     figure.suptitle(title, fontsize=10)
     return figure
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModel:
+    """A classifier with the preprocessing it was trained with.
+
+    ``data_config``: ``input_size`` (C, H, W), ``interpolation``, ``crop_pct``, ``mean``, ``std``
+    (timm's keys). ``classes``: class names fixing the data's label order (None: the data's own).
+    """
+
+    label: str
+    model: nn.Module
+    data_config: Mapping[str, Any]
+    classes: Sequence[str] | None = None
+    source: str = ""
+
+
+def load_eval_model(checkpoint: str | os.PathLike, label: str | None = None, model: str | None = None) -> EvalModel:
+    """Rebuild a trained classifier from a checkpoint (see :func:`cyclemlp.evaluate.model_from_checkpoint`)
+    with the preprocessing its run recorded (the model's pretrained configuration otherwise)."""
+    from ..evaluate import _data_config, model_from_checkpoint
+
+    net, run, _ = model_from_checkpoint(checkpoint, model)
+    config = _data_config(net, run, None, None, None)
+    classes = list(run["classes"]) if run and run.get("classes") else None
+    return EvalModel(label or (run or {}).get("model") or Path(checkpoint).stem, net, config, classes, str(checkpoint))
+
+
+def _split_transform(transform: Compose) -> tuple[Compose, Compose]:
+    """timm's evaluation transform split into (resize + crop on PIL images, to-tensor + normalise)."""
+    steps = list(transform.transforms)
+    at = next((i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__), None)
+    if at is None:
+        raise ValueError(f"cannot find the tensor conversion in the evaluation transform {transform}")
+    return Compose(steps[:at]), Compose(steps[at:])
+
+
+class _Corrupted(Dataset):
+    """Images run through a corruption, then (optionally) a tensor transform."""
+
+    def __init__(self, images: Sequence[Image.Image], targets: Sequence[int], corruption: Callable,
+                 post: Callable | None = None) -> None:
+        self.images, self.targets, self.corruption, self.post = images, targets, corruption, post
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.corruption(self.images[index])
+        return (self.post(image) if self.post else image), self.targets[index]
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _corrupt_all(images: Sequence[Image.Image], corruption: Corruption, workers: int) -> list[Image.Image]:
+    if corruption.severity == 0:
+        return list(images)
+    loader = DataLoader(_Corrupted(images, [0] * len(images), corruption), batch_size=32,
+                        num_workers=workers, collate_fn=_as_list)
+    return [image for batch in loader for image, _ in batch]
+
+
+def corruption_errors(
+    models: Sequence[EvalModel],
+    dataset: str | None = "fashion-mnist",
+    data: str | os.PathLike | None = None,
+    split: str | None = None,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    subset: int | None = 500,
+    batch_size: int = 128,
+    workers: int = 2,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Top-1 error (0-1) of every model on the clean set and under every corruption and severity.
+
+    The evaluation images are read once per distinct preprocessing (size, crop, interpolation,
+    channels, classes), resized and cropped, corrupted once per (corruption, severity) and then
+    normalised for each model that shares that preprocessing. Severity 0 is the clean set.
+
+    Returns ``{label: {"clean_error": e, "errors": {corruption: {severity: e}}, "images": n}}``.
+    """
+    from ..data import build_dataset, build_transform, collate_skip, default_splits
+    from ..evaluate import evaluate
+
+    if not models:
+        raise ValueError("no models to evaluate")
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels repeat: {labels}")
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    bad = [s for s in severities if s not in SEVERITIES]
+    if unknown or bad or not corruptions or not severities:
+        raise ValueError(f"corruptions must come from {CORRUPTIONS} and severities from {SEVERITIES}; "
+                         f"got {list(corruptions)}, {list(severities)}")
+    split = split or default_splits(dataset)[1]
+    groups: dict[str, tuple[Compose, Mapping[str, Any], list[tuple[EvalModel, Compose]]]] = {}
+    for m in models:
+        geometric, post = _split_transform(build_transform(dict(m.data_config), False))
+        key = repr((geometric, m.data_config["input_size"][0], list(m.classes or [])))
+        groups.setdefault(key, (geometric, m.data_config, []))[2].append((m, post))
+    out: dict[str, dict[str, Any]] = {}
+    for geometric, config, members in groups.values():
+        ds = build_dataset(dataset, data, split, geometric, classes=members[0][0].classes,
+                           in_chans=config["input_size"][0], subset=subset)
+        pairs = [item for item in (ds[i] for i in range(len(ds))) if item is not None]
+        images, targets = [p[0] for p in pairs], [int(p[1]) for p in pairs]
+        if not images:
+            raise ValueError(f"no readable image in the evaluation set ({data or dataset}, {split})")
+        for m, _ in members:
+            out[m.label] = dict(clean_error=math.nan, errors={c: {} for c in corruptions}, images=len(images))
+        settings = [(corruptions[0], 0)] + [(c, s) for c in corruptions for s in severities]
+        for name, severity in settings:
+            corrupted = _corrupt_all(images, Corruption(name, severity, seed), workers)
+            for m, post in members:
+                loader = DataLoader(_Corrupted(corrupted, targets, lambda im: im, post), batch_size=batch_size,
+                                    collate_fn=collate_skip)
+                error = 1 - evaluate(m.model, loader, progress=False).top1 / 100
+                if severity == 0:
+                    out[m.label]["clean_error"] = error
+                else:
+                    out[m.label]["errors"][name][severity] = error
+                if log:
+                    what = "clean" if severity == 0 else f"{name} {severity}"
+                    log(f"{m.label}: {what}: top-1 error {100 * error:.2f}%")
+    return out
+
+
+def read_baseline(path: str | os.PathLike, label: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A model's errors from a ``robustness.json`` written earlier: ``(label, errors)``; ``label``
+    may be omitted when the file holds one model."""
+    try:
+        saved = json.loads(Path(path).read_text())["meta"]["errors"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a robustness.json written by cyclemlp robustness ({err})") from err
+    if label is None:
+        if len(saved) != 1:
+            raise ValueError(f"{path} holds several models {sorted(saved)}; name the baseline")
+        label = next(iter(saved))
+    if label not in saved:
+        raise ValueError(f"{path} holds no model {label!r}; it has {sorted(saved)}")
+    entry = saved[label]
+    entry["errors"] = {c: {int(s): e for s, e in by_s.items()} for c, by_s in entry["errors"].items()}
+    return label, entry
+
+
+def run_robustness(
+    models: Sequence[EvalModel],
+    baseline: str | None = None,
+    baseline_results: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike = "robustness",
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``models`` under the corruptions (``kwargs`` go to :func:`corruption_errors`) and
+    write ``robustness.csv`` (one row per model), ``robustness_errors.csv`` (every corruption and
+    severity), ``robustness.json`` and ``robustness.png`` under ``out_dir``.
+
+    Args:
+        baseline: the label of the model that normalises the mCE: one of ``models``, or one stored
+            in ``baseline_results``. None: no mCE, errors only.
+        baseline_results: a ``robustness.json`` from an earlier run holding the baseline's errors,
+            so the baseline need not be evaluated again (same corruptions, severities and data).
+
+    Returns the summaries (:func:`corruption_summary`) by model label.
+    """
+    labels = [m.label for m in models]
+    base_entry = None
+    if baseline_results is not None:
+        baseline, base_entry = read_baseline(baseline_results, baseline)
+    elif baseline is not None and baseline not in labels:
+        raise ValueError(f"baseline {baseline!r} is not among the evaluated models {labels}")
+    errors = corruption_errors(models, **kwargs)
+    if base_entry is None and baseline is not None:
+        base_entry = errors[baseline]
+    summaries = {}
+    for label in labels:
+        entry = errors[label]
+        summaries[label] = corruption_summary(
+            entry["errors"], entry["clean_error"],
+            base_entry["errors"] if base_entry else None, base_entry["clean_error"] if base_entry else None,
+            severities=kwargs.get("severities", SEVERITIES),
+        )
+    rows = []
+    for m in models:
+        row: dict[str, Any] = dict(model=m.label, checkpoint=m.source, images=errors[m.label]["images"])
+        row.update({k: round(100 * v, 3) if isinstance(v, float) else v for k, v in summaries[m.label].items()})
+        rows.append(row)
+    long = [dict(model=label, corruption=c, severity=s, error=round(100 * e, 3))
+            for label in labels for c, by_s in errors[label]["errors"].items() for s, e in by_s.items()]
+    meta = dict(
+        dataset=kwargs.get("data") or kwargs.get("dataset", "fashion-mnist"), split=kwargs.get("split"),
+        subset=kwargs.get("subset", 500), seed=kwargs.get("seed", 0), baseline=baseline,
+        corruptions=list(kwargs.get("corruptions", CORRUPTIONS)), severities=list(kwargs.get("severities", SEVERITIES)),
+        units="percent top-1 error; mCE and relative_mCE in percent of the baseline's", errors=errors,
+    )
+    out_dir = Path(out_dir)
+    write_rows(rows, out_dir / "robustness.csv")
+    write_rows(long, out_dir / "robustness_errors.csv")
+    write_rows(rows, out_dir / "robustness.json", meta)
+    images = errors[labels[0]]["images"]
+    title = (f"Corruption robustness on {meta['dataset']} ({images} images), {len(meta['corruptions'])} "
+             f"corruptions x severities "
+             f"{meta['severities']}" + (f", mCE relative to {baseline}" if baseline else ""))
+    save_figure(robustness_figure(summaries, {k: v["errors"] for k, v in errors.items()}, baseline, title),
+                out_dir / "robustness.png")
+    return summaries
