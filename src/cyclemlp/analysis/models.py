@@ -10,10 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointMismatchError, load_checkpoint, read_state_dict
-from ..model import CycleMLP
 
-__all__ = ["build_model", "last_stage_features", "load_weights", "weights_label"]
+__all__ = ["build_model", "last_stage_features", "weights_label"]
 
 
 def build_model(
@@ -23,43 +21,30 @@ def build_model(
 
     Args:
         name: any name ``timm.create_model`` knows (CycleMLP models are registered on import).
-        weights: a checkpoint file to load, strictly (the classifier too): CycleMLP models through
-            :func:`cyclemlp.load_checkpoint` (authors' or project files), other models as a plain
-            state dict (read without executing code). Random initialisation when None.
+        weights: a checkpoint file, loaded strictly by :func:`cyclemlp.evaluate.model_from_checkpoint`
+            (the project's training files rebuild the model they record: classes, channels, model
+            arguments; the authors' files and plain state dicts work too). Random initialisation
+            when None.
         any_size: build models that take a ``dynamic_img_size`` switch (Swin, ViT, ...) in that
             mode, so they accept any input size with the same weights. Models without such a
             switch (MLP-Mixer) are built as they are and keep their fixed input size.
         kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``in_chans``).
     """
+    from ..evaluate import model_from_checkpoint
+
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; see timm.list_models()")
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
-    model = None
-    if any_size:
+    for extra in ([dict(dynamic_img_size=True)] if any_size else []) + [{}]:
         try:
-            model = timm.create_model(name, dynamic_img_size=True, **kwargs)
-        except TypeError as err:
-            if "dynamic_img_size" not in str(err):
+            if weights is None:
+                return timm.create_model(name, **extra, **kwargs).eval()
+            return model_from_checkpoint(weights, name, {**extra, **kwargs})[0].eval()
+        except (TypeError, ValueError) as err:
+            if not extra or "dynamic_img_size" not in str(err):
                 raise
-    if model is None:
-        model = timm.create_model(name, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load every tensor of ``model`` from ``path``; raise CheckpointMismatchError otherwise."""
-    if isinstance(model, CycleMLP):
-        load_checkpoint(model, path)
-        return
-    state, _ = read_state_dict(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointMismatchError(f"{path} does not fit {type(model).__name__}: {err}") from err
+    raise AssertionError("unreachable")
 
 
 def weights_label(weights: str | os.PathLike | None) -> str:
