@@ -160,7 +160,7 @@ def resolutions_figure(results: Sequence[SizeResult], meta: dict) -> "object":
             failed.setdefault(r.model, []).append((f"{r.height}x{r.width}", r.error))
     notes = [f"{name} fails at {', '.join(s for s, _ in errs)}: {errs[0][1]}" for name, errs in failed.items()]
     title = (f"Cost against input size: batch {meta['batch_size']}, {meta['device']}, "
-             f"{meta['threads']} threads, median of {meta['repeats']}")
+             f"threads {meta['threads']}, median of {meta['repeats']}")
     figure.suptitle("\n".join([title] + notes), fontsize=9)
     return figure
 
