@@ -24,3 +24,14 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(values) not in (1, 2) or min(values, default=0) < 1:
         raise ValueError(f"an input size is N or HxW with positive integers, got {text!r}")
     return values[0], values[-1]
+
+
+def apply_threads(threads: int | None) -> None:
+    """``--threads N``: the CPU threads torch uses from now on (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..analysis.ablate import DEFAULT_MODEL_KWARGS, DEFAULT_TRAIN_CONFIG, VARIANTS, run_ablation
+from ._args import apply_threads
 from ._table import format_table
 
 
@@ -61,10 +60,7 @@ def run(args: argparse.Namespace) -> int:
         config["warmup_epochs"] = args.warmup_epochs
     model_kwargs = {} if args.dims == [0] else dict(dims=tuple(args.dims))
     variants = [next(v for v in VARIANTS if v.name == name) for name in args.variants]
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     results = run_ablation(args.model, variants, config, model_kwargs, args.seeds, args.out)
     print(format_table(
         [[r.variant, r.params_m, r.gmacs, r.top1, r.top1_std, r.best_top1, r.wall_s] for r in results],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis.erf import DEFAULT_FRACTIONS, DEFAULT_MODELS, run_erf
-from ._args import parse_weights
+from ._args import apply_threads, parse_weights
 from ._table import format_table
 
 
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
                         help="shares of the total contribution whose areas are reported (default 0.2 0.5 0.99)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per backward pass (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default="erf", help="output folder (default ./erf)")
     parser.set_defaults(func=run)
 
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    apply_threads(args.threads)
     results = run_erf(
         args.models, args.source, args.images, args.img_size, parse_weights(args.weights),
         args.fractions, args.batch_size, args.out,

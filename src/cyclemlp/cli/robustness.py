@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
 from ..analysis.corruptions import CORRUPTIONS, SEVERITIES
 from ..analysis.robustness import load_eval_model, run_robustness
+from ._args import apply_threads
 from ._table import format_table
 
 logger = logging.getLogger(__name__)
@@ -51,10 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.baseline_results is None and args.baseline is None and len(args.checkpoints) > 1:
         logger.info("no --baseline: reporting errors without mCE")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.subset < 0 or args.batch_size < 1 or args.workers < 0:
         raise ValueError("--subset must be >= 0, --batch-size >= 1 and --workers >= 0")
     models = []
