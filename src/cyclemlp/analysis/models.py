@@ -48,8 +48,12 @@ def build_model(
 
 
 def weights_label(weights: str | os.PathLike | None) -> str:
-    """How a figure names the weights: the file name, or that they are random."""
-    return Path(weights).name if weights is not None else "random init"
+    """How a figure names the weights: the file and its folder (training runs all write
+    ``model.safetensors``), or that they are random."""
+    if weights is None:
+        return "random init"
+    path = Path(weights)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 def last_stage_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
