@@ -151,6 +151,7 @@ class AblationResult:
     gmacs: float
     top1: float  # final-epoch top-1, mean over seeds
     top1_std: float
+    sampling_se: float | None  # binomial standard error of one top-1 on the evaluation images
     best_top1: float
     seeds: list[int]
     top1_per_seed: list[float]
@@ -190,6 +191,14 @@ def _finished_run(folder: Path) -> dict[str, Any] | None:
                 wall_s=rows[-1].get("time_s", math.nan))
 
 
+def _sampling_se(top1: float, images: int | None) -> float | None:
+    """Binomial standard error (percent) of an accuracy measured on ``images`` images."""
+    if not images:
+        return None
+    p = top1 / 100
+    return round(100 * math.sqrt(p * (1 - p) / images), 3)
+
+
 def ablation_figure(results: Sequence[AblationResult], title: str) -> "object":
     from matplotlib.figure import Figure
 
@@ -197,7 +206,7 @@ def ablation_figure(results: Sequence[AblationResult], title: str) -> "object":
     ax = figure.subplots()
     names = [r.variant for r in results][::-1]
     values = [r.top1 for r in results][::-1]
-    errors = [r.top1_std if len(r.seeds) > 1 else 0 for r in results][::-1]
+    errors = [r.top1_std if len(r.seeds) > 1 else (r.sampling_se or 0) for r in results][::-1]
     colours = ["C1" if r.variant == results[0].variant else "C0" for r in results][::-1]
     ax.barh(names, values, xerr=errors, color=colours)
     for y, r in enumerate(results[::-1]):
@@ -205,7 +214,8 @@ def ablation_figure(results: Sequence[AblationResult], title: str) -> "object":
     low = min(values)
     ax.set_xlim(max(0.0, low - 10), min(100.0, max(values) + 8))
     ax.axvline(results[0].top1, color="C1", ls="--", lw=1)
-    ax.set_xlabel("top-1 accuracy (%), final epoch")
+    ax.set_xlabel("top-1 accuracy (%), final epoch; bars: std over seeds, or with one seed the "
+                  "binomial standard error of the evaluation")
     figure.suptitle(title, fontsize=9)
     return figure
 
@@ -283,6 +293,7 @@ def run_ablation(
             variant=variant.name, description=variant.description, params_m=round(cost.params_m, 3),
             gmacs=round(cost.gmacs, 4), top1=round(statistics.fmean(top1s), 3),
             top1_std=round(statistics.stdev(top1s), 3) if len(top1s) > 1 else 0.0,
+            sampling_se=_sampling_se(statistics.fmean(top1s), config.val_subset),
             best_top1=round(statistics.fmean(bests), 3), seeds=list(seeds), top1_per_seed=top1s,
             wall_s=round(sum(walls), 1), runs=runs,
         ))

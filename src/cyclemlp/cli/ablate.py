@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     results = run_ablation(args.model, variants, config, model_kwargs, args.seeds, args.out)
     print(format_table(
-        [[r.variant, r.params_m, r.gmacs, r.top1, r.top1_std, r.best_top1, r.wall_s] for r in results],
-        ["variant", "params (M)", "GMACs", "top-1 (%)", "std", "best top-1 (%)", "train s"],
+        [[r.variant, r.params_m, r.gmacs, r.top1, r.top1_std if len(r.seeds) > 1 else "-",
+          "-" if r.sampling_se is None else r.sampling_se, r.best_top1, r.wall_s] for r in results],
+        ["variant", "params (M)", "GMACs", "top-1 (%)", "std (seeds)", "s.e. (eval)", "best top-1 (%)", "train s"],
     ))
     print(f"wrote {args.out}/ablate.csv, ablate.json, ablate.png")
     return 0
