@@ -6,7 +6,8 @@ For model ``f``, corruption ``c`` and severity ``s`` with top-1 error ``E``:
 * corruption error ``CE_c(f) = sum_s E(f, c, s) / sum_s E(base, c, s)``; ``mCE`` is its mean over
   the corruptions (100 % = as robust as the baseline; lower is better);
 * relative ``CE`` uses the drop from the clean error, ``sum_s (E(f,c,s) - E_clean(f))`` over the
-  same sum for the baseline;
+  same sum for the baseline; it is undefined (NaN) for a corruption that does not raise the
+  baseline's error, and the relative mCE averages the corruptions where it is defined;
 * the unnormalised mean error over all corruptions and severities is reported too.
 
 The corruptions are applied to each image after the model's evaluation resize and crop, before
@@ -40,6 +41,7 @@ __all__ = [
     "read_baseline",
     "robustness_figure",
     "run_robustness",
+    "write_robustness",
 ]
 
 Errors = Mapping[str, Mapping[int, float]]  # corruption -> severity -> top-1 error (0-1)
@@ -94,7 +96,8 @@ def corruption_summary(
         out[f"CE/{c}"] = ce[c]
         out[f"relative_CE/{c}"] = relative[c]
     out["mCE"] = float(np.mean(list(ce.values())))
-    out["relative_mCE"] = float(np.mean(list(relative.values())))
+    defined = [v for v in relative.values() if not math.isnan(v)]
+    out["relative_mCE"] = float(np.mean(defined)) if defined else math.nan
     return out
 
 
@@ -313,35 +316,50 @@ def run_robustness(
     errors = corruption_errors(models, **kwargs)
     if base_entry is None and baseline is not None:
         base_entry = errors[baseline]
+    settings = dict(
+        dataset=kwargs.get("data") or kwargs.get("dataset", "fashion-mnist"), split=kwargs.get("split"),
+        subset=kwargs.get("subset", 500), seed=kwargs.get("seed", 0),
+        corruptions=list(kwargs.get("corruptions", CORRUPTIONS)), severities=list(kwargs.get("severities", SEVERITIES)),
+    )
+    return write_robustness(errors, {m.label: m.source for m in models}, baseline, base_entry, settings, out_dir)
+
+
+def write_robustness(
+    errors: Mapping[str, Mapping[str, Any]],
+    sources: Mapping[str, str],
+    baseline: str | None,
+    base_entry: Mapping[str, Any] | None,
+    settings: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+) -> dict[str, dict[str, Any]]:
+    """Summarise :func:`corruption_errors` output against ``base_entry`` (the baseline's entry)
+    and write the tables and figure (see :func:`run_robustness`); returns the summaries."""
+    labels = list(errors)
+    severities = settings.get("severities", SEVERITIES)
     summaries = {}
     for label in labels:
         entry = errors[label]
         summaries[label] = corruption_summary(
             entry["errors"], entry["clean_error"],
             base_entry["errors"] if base_entry else None, base_entry["clean_error"] if base_entry else None,
-            severities=kwargs.get("severities", SEVERITIES),
+            severities=severities,
         )
     rows = []
-    for m in models:
-        row: dict[str, Any] = dict(model=m.label, checkpoint=m.source, images=errors[m.label]["images"])
-        row.update({k: round(100 * v, 3) if isinstance(v, float) else v for k, v in summaries[m.label].items()})
+    for label in labels:
+        row: dict[str, Any] = dict(model=label, checkpoint=sources.get(label, ""), images=errors[label]["images"])
+        row.update({k: round(100 * v, 3) if isinstance(v, float) else v for k, v in summaries[label].items()})
         rows.append(row)
     long = [dict(model=label, corruption=c, severity=s, error=round(100 * e, 3))
             for label in labels for c, by_s in errors[label]["errors"].items() for s, e in by_s.items()]
-    meta = dict(
-        dataset=kwargs.get("data") or kwargs.get("dataset", "fashion-mnist"), split=kwargs.get("split"),
-        subset=kwargs.get("subset", 500), seed=kwargs.get("seed", 0), baseline=baseline,
-        corruptions=list(kwargs.get("corruptions", CORRUPTIONS)), severities=list(kwargs.get("severities", SEVERITIES)),
-        units="percent top-1 error; mCE and relative_mCE in percent of the baseline's", errors=errors,
-    )
+    meta = dict(settings, baseline=baseline, errors=errors,
+                units="percent top-1 error; mCE and relative_mCE in percent of the baseline's")
     out_dir = Path(out_dir)
     write_rows(rows, out_dir / "robustness.csv")
     write_rows(long, out_dir / "robustness_errors.csv")
     write_rows(rows, out_dir / "robustness.json", meta)
     images = errors[labels[0]]["images"]
     title = (f"Corruption robustness on {meta['dataset']} ({images} images), {len(meta['corruptions'])} "
-             f"corruptions x severities "
-             f"{meta['severities']}" + (f", mCE relative to {baseline}" if baseline else ""))
+             f"corruptions x severities {list(severities)}" + (f", mCE relative to {baseline}" if baseline else ""))
     save_figure(robustness_figure(summaries, {k: v["errors"] for k, v in errors.items()}, baseline, title),
                 out_dir / "robustness.png")
     return summaries
