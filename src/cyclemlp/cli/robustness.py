@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         models, args.baseline, args.baseline_results, args.out,
         dataset=None if args.data else args.dataset, data=args.data, split=args.split, subset=args.subset or None,
         corruptions=args.corruptions, severities=args.severities, batch_size=args.batch_size, workers=args.workers,
-        seed=args.seed, log=logger.debug,
+        seed=args.seed, log=logger.info,
     )
     rows = []
     for label, s in summaries.items():
