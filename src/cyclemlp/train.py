@@ -194,8 +194,8 @@ class TrainConfig:
             raise ValueError(f"img_size must be at least 8 pixels; got {self.img_size}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number; got {self.lr}")
-        if self.warmup_epochs < 0 or (self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs):
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and smaller than epochs ({self.epochs})")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16'; got {self.amp_dtype!r}")
         if self.in_chans not in (None, 1, 3):
@@ -556,7 +556,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
         engine.restore_rng_state(state["rng"], dist)
         ckpt.best = state.get("best_metric")
         start_epoch, num_updates = state["epoch"] + 1, state["num_updates"]
-        log.truncate(start_epoch)
+        log.rows = [dict(r) for r in state.get("history", [])]  # the log as of that checkpoint
         engine.print0(f"resumed from {config.resume} at epoch {start_epoch}", dist=dist)
 
     engine.print0(
@@ -590,14 +590,15 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
                                   progress=config.progress, channels_last=config.channels_last)
             row.update(eval_ema_loss=ema_result.loss, eval_ema_top1=ema_result.top1, eval_ema_top5=ema_result.top5)
         row["time_s"] = round(time.perf_counter() - wall_start, 1)
-        log.log(row)
         improved = ckpt.save(
             dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  scaler=scaler.state_dict() if scaler is not None else None,
                  model_ema=ema.module.state_dict() if ema is not None else None, epoch=epoch, num_updates=num_updates,
-                 rng=engine.capture_rng_state(dist), metrics=row, run=run_info, config=config_dict),
+                 rng=engine.capture_rng_state(dist), metrics=row, history=log.rows + [row], run=run_info,
+                 config=config_dict),
             metric=result.top1,
         )
+        log.log(row)  # after the checkpoint: a logged epoch always has its checkpoint
         skipped = f", skipped {row['skipped'] + result.skipped} unreadable image(s)" if row["skipped"] + result.skipped else ""
         engine.print0(
             f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "

@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("-j", "--workers", type=int, metavar="N", help="data-loading processes per training process")
 
     g = parser.add_argument_group("augmentation")
-    g.add_argument("--no-aug", action=argparse.BooleanOptionalAction, help="no training augmentation")
+    g.add_argument("--no-aug", action="store_true", help="no training augmentation (resize and centre crop only)")
     g.add_argument("--scale", **_floats(2), help="random-resized-crop area range")
     g.add_argument("--ratio", **_floats(2), help="random-resized-crop aspect range")
     g.add_argument("--hflip", type=float, metavar="P", help="horizontal flip probability")
