@@ -599,6 +599,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
                                   progress=config.progress, channels_last=config.channels_last)
             row.update(eval_ema_loss=ema_result.loss, eval_ema_top1=ema_result.top1, eval_ema_top5=ema_result.top5)
         row["epoch_s"] = round(time.perf_counter() - epoch_start, 2)
+        row["time_s"] = round((log.rows[-1].get("time_s", 0.0) if log.rows else 0.0) + row["epoch_s"], 2)
         improved = ckpt.save(
             dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  scaler=scaler.state_dict() if scaler is not None else None,
