@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .model import CycleMixer
 
@@ -28,8 +28,21 @@ __all__ = ["Cost", "count_cost", "count_params"]
 _LAYER_NORM_OPS = [torch.ops.aten.native_layer_norm]
 
 
+# Fused attention kernels that torch's counter has no formula for (the CPU kernel is what
+# F.scaled_dot_product_attention runs on CPU, e.g. in PVT-v2): without them attention is free.
+_ATTENTION_OPS = [
+    op for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable")
+    if (op := getattr(torch.ops.aten, name, None)) is not None
+]
+
+
 def _layer_norm_macs(input_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
     return 5 * math.prod(input_shape)
+
+
+def _attention_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int],
+                     *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,8 @@ def count_cost(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: 
     x = torch.zeros(1, in_chans, height, width, device=device)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, custom_mapping={op: _layer_norm_macs for op in _LAYER_NORM_OPS})
+    mapping = {op: _layer_norm_macs for op in _LAYER_NORM_OPS} | {op: _attention_flops for op in _ATTENTION_OPS}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     # CycleMLP's token mixers count as the paper writes them (each branch a layer), not as their
     # fast path computes them. (Fused oneDNN kernels are off under the counter's dispatch mode.)
     plain = [m for m in model.modules() if isinstance(m, CycleMixer)]

@@ -15,7 +15,9 @@ from typing import Sequence
 from ..checkpoint import CheckpointError
 
 # Subcommand modules, in the order ``cyclemlp --help`` lists them.
-COMMANDS: tuple[str, ...] = ("flops", "export", "bench")
+COMMANDS: tuple[str, ...] = (
+    "train", "eval", "predict", "flops", "export", "bench", "erf", "resolutions", "robustness", "ablate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
