@@ -239,3 +239,11 @@ def test_swin_layout_tiny(tmp_path):
     assert report.layout == "authors'" and report.loaded == report.total
     x = torch.randn(1, 3, 96, 160)
     torch.testing.assert_close(_logits(model, x), _logits(source, x))
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    path = cyclemlp.checkpoint.atomic_write(tmp_path / "out.txt", lambda tmp: open(tmp, "w").write("x"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert path.read_text() == "x" and len(list(tmp_path.iterdir())) == 1
