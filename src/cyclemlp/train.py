@@ -68,13 +68,14 @@ IMAGENET = dict(
     aug_repeats=3, drop_path=0.1, amp=True, amp_dtype="float16", model_ema=True, model_ema_decay=0.99996,
 )
 
-# Fashion-MNIST, 28x28 grey (see README "Training"): a short schedule that stays on one CPU-sized
-# budget; images are upsampled to img_size so every model keeps its own stem.
+# Fashion-MNIST, 28x28 grey: a short CPU schedule, chosen by measurement (README "Training").
+# 32 px is the smallest input every peer of the benchmark accepts with its own stem; over short
+# schedules flips alone beat random-resized crops, erasing and drop path (the models underfit).
 FASHION_MNIST = dict(
     img_size=32, crop_pct=1.0, interpolation="bilinear", batch_size=128,
     opt="adamw", lr=3e-3, weight_decay=0.05, clip_grad=None,
     sched="cosine", epochs=10, warmup_epochs=0.3, warmup_lr=1e-5, min_lr=1e-5, sched_on_updates=True,
-    scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.0, aa=None,
+    scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, color_jitter=0.0, aa=None,
     reprob=0.0, remode="pixel", recount=1,
     mixup=0.0, cutmix=0.0, smoothing=0.1, aug_repeats=0, drop_path=0.0, amp=False, model_ema=False,
 )
