@@ -68,15 +68,16 @@ IMAGENET = dict(
     aug_repeats=3, drop_path=0.1, amp=True, amp_dtype="float16", model_ema=True, model_ema_decay=0.99996,
 )
 
-# Fashion-MNIST, 28x28 grey (see README "Training"): a short schedule that stays on one CPU-sized
-# budget; images are upsampled to img_size so every model keeps its own stem.
+# Fashion-MNIST, 28x28 grey: a short CPU schedule, chosen by measurement (README "Training").
+# 32 px is the smallest input every peer of the benchmark accepts with its own stem; over short
+# schedules flips alone beat random-resized crops, erasing and drop path (the models underfit).
 FASHION_MNIST = dict(
-    img_size=56, crop_pct=1.0, interpolation="bilinear", batch_size=128,
-    opt="adamw", lr=2e-3, weight_decay=0.05, clip_grad=None,
-    sched="cosine", epochs=10, warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, sched_on_updates=True,
-    scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.0, aa=None,
-    reprob=0.25, remode="pixel", recount=1,
-    mixup=0.0, cutmix=0.0, smoothing=0.1, aug_repeats=0, drop_path=0.05, amp=False, model_ema=False,
+    img_size=32, crop_pct=1.0, interpolation="bilinear", batch_size=128,
+    opt="adamw", lr=3e-3, weight_decay=0.05, clip_grad=None,
+    sched="cosine", epochs=10, warmup_epochs=0.3, warmup_lr=1e-5, min_lr=1e-5, sched_on_updates=True,
+    scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, color_jitter=0.0, aa=None,
+    reprob=0.0, remode="pixel", recount=1,
+    mixup=0.0, cutmix=0.0, smoothing=0.1, aug_repeats=0, drop_path=0.0, amp=False, model_ema=False,
 )
 
 RECIPES: dict[str, dict[str, Any]] = {"imagenet": IMAGENET, "fashion-mnist": FASHION_MNIST}
@@ -577,7 +578,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     metrics: dict[str, Any] = {}
     train_stats: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):
-        epoch_start = time.perf_counter()
+        epoch_start, cpu_start = time.perf_counter(), time.process_time()
         train_loader.sampler.set_epoch(epoch)
         if not config.sched_on_updates:
             scheduler.step(epoch)
@@ -599,6 +600,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
                                   progress=config.progress, channels_last=config.channels_last)
             row.update(eval_ema_loss=ema_result.loss, eval_ema_top1=ema_result.top1, eval_ema_top5=ema_result.top5)
         row["epoch_s"] = round(time.perf_counter() - epoch_start, 2)
+        row["cpu_s"] = round(time.process_time() - cpu_start, 2)  # this process's CPU time (not its loaders')
         row["time_s"] = round((log.rows[-1].get("time_s", 0.0) if log.rows else 0.0) + row["epoch_s"], 2)
         improved = ckpt.save(
             dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
