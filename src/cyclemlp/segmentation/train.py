@@ -294,6 +294,9 @@ def train_segmenter(
     batches = iter(DataLoader(
         _Augmented(train_set, recipe.seed + dist.rank), batch_size=recipe.batch_size, sampler=sampler,
         num_workers=recipe.workers,
+        # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
+        # resumed run would diverge
+        generator=torch.Generator().manual_seed(recipe.seed),
     ))
     for index in range(start, rounds):
         ddp.train()
