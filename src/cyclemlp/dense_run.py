@@ -2,15 +2,17 @@
 
 The training loops themselves stay in :mod:`cyclemlp.detection.train` and
 :mod:`cyclemlp.segmentation.train`; this module only holds what both need identically: the run
-directory and resume rules, the AdamW parameter groups, and reading a run's checkpoint back.
+directory and resume rules, the AdamW parameter groups, saving a round and reading a run back,
+evaluation shards, reading images for prediction and the class colours.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -18,7 +20,10 @@ from torch.utils.data import Dataset, Subset
 from . import engine
 from .checkpoint import CheckpointError
 
-__all__ = ["adamw", "find_checkpoint", "open_run", "shard", "unwrap"]
+__all__ = [
+    "adamw", "find_checkpoint", "load_run", "open_run", "palette", "read_images", "restore_run", "save_round", "shard",
+    "short_list", "unwrap",
+]
 
 
 def adamw(
@@ -96,3 +101,81 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path} has no model configuration; it was not written by a cyclemlp dense-prediction run")
     return path, state
+
+
+def restore_run(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    ckpt: engine.CheckpointManager, log: engine.MetricsLogger, dist: engine.DistInfo,
+) -> int:
+    """Load a resumed run's model, optimiser, random state, best metric and log; returns the next
+    epoch (round) to run."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    engine.restore_rng_state(state["rng"], dist)
+    ckpt.best = state.get("best_metric")
+    start = state["epoch"] + 1
+    log.truncate(start)
+    return start
+
+
+def save_round(
+    ckpt: engine.CheckpointManager, log: engine.MetricsLogger, dist: engine.DistInfo, model: nn.Module,
+    optimizer: torch.optim.Optimizer, row: dict[str, Any], config: dict[str, Any], metric: float | None,
+    **extra: Any,
+) -> None:
+    """Log an epoch's (round's) row and write the checkpoint (a collective call: RNG capture)."""
+    log.log(row)
+    ckpt.save(
+        {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": row["epoch"],
+         "rng": engine.capture_rng_state(dist), "metrics": row, "config": config, **extra},
+        metric=metric,
+    )
+
+
+def load_run(
+    checkpoint: str | os.PathLike, task: str, build: Callable[[dict[str, Any]], nn.Module],
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """The model of a training run (a folder: its best, else last checkpoint), in eval mode."""
+    path, state = find_checkpoint(checkpoint)
+    config = state["config"]
+    if config.get("task") != task:
+        raise ValueError(f"{path} is a {config.get('task')!r} checkpoint, not a {task!r} one")
+    model = build(config)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, path
+
+
+def read_images(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, torch.Tensor]]:
+    """Image files as uint8 RGB tensors ``(3, H, W)``; an unreadable file raises ValueError naming it
+    before any is processed."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in map(Path, paths):
+        try:
+            with Image.open(path) as handle:
+                array = np.asarray(handle.convert("RGB")).copy()
+        except FileNotFoundError:
+            raise
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+        images.append((path, torch.from_numpy(array).permute(2, 0, 1)))
+    return images
+
+
+def short_list(items: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct colours per class (class 0 dark grey)."""
+    import colorsys
+
+    colours = [(40, 40, 40)]
+    colours += [
+        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.95)) for i in range(num_classes - 1)
+    ]
+    return colours[:num_classes]

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from ..dense_run import short_list
 
 __all__ = ["CocoDataset", "CocoSummary", "collate", "load_coco_json"]
 
@@ -55,11 +57,6 @@ def load_coco_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _short(items: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
 @dataclass
 class CocoSummary:
     """What :class:`CocoDataset` found and did with an annotation file."""
@@ -81,13 +78,13 @@ class CocoSummary:
         ]
         if self.degenerate:
             lines.append(f"  dropped {len(self.degenerate)} degenerate annotations (zero width/height "
-                         f"or empty mask): {_short(self.degenerate)}")
+                         f"or empty mask): {short_list(self.degenerate)}")
         if self.crowd:
             lines.append(f"  {self.crowd} crowd annotations not used as training targets")
         if self.empty_images:
             what = "skipped" if self.skipped_empty else "kept (negatives)"
             lines.append(f"  {len(self.empty_images)} images without annotations {what}: "
-                         f"{_short(self.empty_images)}")
+                         f"{short_list(self.empty_images)}")
         return "\n".join(lines)
 
 
@@ -109,9 +106,9 @@ def _check_images(images: list[dict], image_dir: Path, ann_file: Path) -> None:
                 f"{path} is {width}x{height}, the json says {image['width']}x{image['height']}"
             )
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images listed in {ann_file} do not exist: {_short(missing)}")
+        raise FileNotFoundError(f"{len(missing)} images listed in {ann_file} do not exist: {short_list(missing)}")
     if unreadable:
-        raise ValueError(f"{len(unreadable)} images listed in {ann_file} cannot be read: {_short(unreadable)}")
+        raise ValueError(f"{len(unreadable)} images listed in {ann_file} cannot be read: {short_list(unreadable)}")
     if mismatched:
         raise ValueError(
             f"image/annotation size mismatch in {ann_file} (boxes and masks would not fit): "

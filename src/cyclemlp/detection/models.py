@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.ops.feature_pyramid_network import (
@@ -59,6 +60,18 @@ class PyramidBackbone(nn.Module):
         if isinstance(feats, dict):
             feats = list(feats.values())
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+def _extra_blocks(extra: str, last_channels: int, out_channels: int) -> ExtraFPNBlock | None:
+    """Pyramid levels above the last stage: RetinaNet's P6/P7 (P6 from the last stage's output,
+    mmdet's "on input") or Mask R-CNN's max-pooled level."""
+    if extra == "maxpool":
+        return LastLevelMaxPool()
+    if extra == "p6p7":
+        return LastLevelP6P7(last_channels, out_channels)
+    if extra == "none":
+        return None
+    raise ValueError(f"extra must be 'maxpool', 'p6p7' or 'none'; got {extra!r}")
 
 
 def _check_variant(name: str) -> None:
@@ -101,14 +114,7 @@ def cyclemlp_fpn(
         if i not in out_indices:
             network.stage_norms[i] = nn.Identity()
     channels = body.feature_info.channels()
-    if extra == "maxpool":
-        extra_blocks: ExtraFPNBlock | None = LastLevelMaxPool()
-    elif extra == "p6p7":
-        extra_blocks = LastLevelP6P7(channels[-1], out_channels)
-    elif extra == "none":
-        extra_blocks = None
-    else:
-        raise ValueError(f"extra must be 'maxpool', 'p6p7' or 'none'; got {extra!r}")
+    extra_blocks = _extra_blocks(extra, channels[-1], out_channels)
     report = load_checkpoint(body, weights, strict=False, reset_head=True) if weights else None
     return PyramidBackbone(body, channels, out_channels, extra_blocks), report
 
@@ -136,36 +142,29 @@ def resnet_fpn(
     body = IntermediateLayerGetter(net, layers)
     width = 64 if depth < 50 else 256
     channels = [width * 2**i for i in out_indices]
-    extra_blocks = {
-        "maxpool": LastLevelMaxPool(),
-        "p6p7": LastLevelP6P7(channels[-1], out_channels),
-        "none": None,
-    }
-    if extra not in extra_blocks:
-        raise ValueError(f"extra must be 'maxpool', 'p6p7' or 'none'; got {extra!r}")
-    return PyramidBackbone(body, channels, out_channels, extra_blocks[extra])
+    return PyramidBackbone(body, channels, out_channels, _extra_blocks(extra, channels[-1], out_channels))
 
 
-def _image_stats(name: str) -> tuple[list[float], list[float]]:
-    cfg = timm.get_pretrained_cfg(name) if name in MODEL_CONFIGS else None
-    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
-    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
-    return list(mean), list(std)
-
-
-def _backbone(
-    backbone: str | PyramidBackbone, out_indices: Sequence[int], extra: str, weights: Any, kwargs: dict
-) -> tuple[PyramidBackbone, str, LoadReport | None]:
+def _detector(
+    detector: type, backbone: str | PyramidBackbone, out_indices: Sequence[int], extra: str,
+    weights: str | os.PathLike | None, backbone_kwargs: dict[str, Any], **detector_kwargs: Any,
+) -> nn.Module:
+    """Build the pyramid backbone (CycleMLP, ResNet baseline or given) and the torchvision detector."""
+    report = None
     if isinstance(backbone, PyramidBackbone):
         if weights:
             raise ValueError("weights apply to a named CycleMLP backbone, not to a built one")
-        return backbone, "", None
-    if backbone.startswith("resnet"):
+        body = backbone
+    elif backbone.startswith("resnet"):
         if weights:
             raise ValueError("weights are loaded into CycleMLP backbones only")
-        return resnet_fpn(int(backbone[len("resnet"):]), out_indices, extra), backbone, None
-    body, report = cyclemlp_fpn(backbone, out_indices, extra, weights=weights, **kwargs)
-    return body, backbone, report
+        body = resnet_fpn(int(backbone[len("resnet"):]), out_indices, extra)
+    else:
+        body, report = cyclemlp_fpn(backbone, out_indices, extra, weights=weights, **backbone_kwargs)
+    # every backbone here (CycleMLP, torchvision's ResNets) uses ImageNet's normalisation
+    model = detector(body, image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD), **detector_kwargs)
+    model.backbone_load_report = report
+    return model
 
 
 def retinanet(
@@ -191,14 +190,10 @@ def retinanet(
         detections_per_img: detections kept per image (100, as COCO evaluation counts).
         **backbone_kwargs: passed to ``timm.create_model`` for the CycleMLP.
     """
-    body, name, report = _backbone(backbone, (1, 2, 3), "p6p7", weights, backbone_kwargs)
-    mean, std = _image_stats(name)
-    model = RetinaNet(
-        body, num_classes, min_size=min_size, max_size=max_size, image_mean=mean, image_std=std,
-        detections_per_img=detections_per_img,
+    return _detector(
+        RetinaNet, backbone, (1, 2, 3), "p6p7", weights, backbone_kwargs,
+        num_classes=num_classes, min_size=min_size, max_size=max_size, detections_per_img=detections_per_img,
     )
-    model.backbone_load_report = report
-    return model
 
 
 def mask_rcnn(
@@ -214,14 +209,10 @@ def mask_rcnn(
 
     Arguments as in :func:`retinanet`.
     """
-    body, name, report = _backbone(backbone, (0, 1, 2, 3), "maxpool", weights, backbone_kwargs)
-    mean, std = _image_stats(name)
-    model = MaskRCNN(
-        body, num_classes, min_size=min_size, max_size=max_size, image_mean=mean, image_std=std,
-        box_detections_per_img=detections_per_img,
+    return _detector(
+        MaskRCNN, backbone, (0, 1, 2, 3), "maxpool", weights, backbone_kwargs,
+        num_classes=num_classes, min_size=min_size, max_size=max_size, box_detections_per_img=detections_per_img,
     )
-    model.backbone_load_report = report
-    return model
 
 
 DETECTORS = {"retinanet": retinanet, "mask_rcnn": mask_rcnn}

@@ -22,7 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import engine
 from ..checkpoint import atomic_write
-from ..dense_run import adamw, find_checkpoint, open_run, shard, unwrap
+from ..dense_run import adamw, load_run, open_run, palette, read_images, restore_run, save_round, shard, unwrap
 from .data import CocoDataset, collate
 from .evaluate import coco_evaluate, coco_results
 from .models import DETECTORS
@@ -175,12 +175,7 @@ def train_detector(
     log = engine.MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=tensorboard)
     start = 0
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        engine.restore_rng_state(state["rng"], dist)
-        ckpt.best = state.get("best_metric")
-        start = state["epoch"] + 1
-        log.truncate(start)
+        start = restore_run(state, model, optimizer, ckpt, log, dist)
         engine.print0(f"resumed from epoch {state['epoch']} (best {ckpt.best})", dist=dist)
     ddp = nn.parallel.DistributedDataParallel(model) if dist.distributed else model
 
@@ -233,12 +228,7 @@ def train_detector(
             f"epoch {epoch}: loss {row['train_loss']:.4f}"
             + (f", val {key} {metric:.4f}" if metric is not None else ""), dist=dist,
         )
-        log.log(row)
-        ckpt.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "rng": engine.capture_rng_state(dist), "metrics": row, "config": config},
-            metric=metric,
-        )
+        save_round(ckpt, log, dist, model, optimizer, row, config, metric)
     log.plot(title=f"{model_name} / {backbone}")
     log.close()
     engine.barrier(dist)
@@ -247,13 +237,7 @@ def train_detector(
 
 def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
     """The detector saved by :func:`train_detector` (a run folder: best, else last checkpoint)."""
-    path, state = find_checkpoint(checkpoint)
-    config = state["config"]
-    if config.get("task") != "detect":
-        raise ValueError(f"{path} is a {config.get('task')!r} checkpoint, not a detection one")
-    model = build_detector(config)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, path
+    return load_run(checkpoint, "detect", build_detector, device)
 
 
 def draw_detections(
@@ -266,20 +250,14 @@ def draw_detections(
     canvas = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     keep = output["scores"].cpu() >= score_threshold
     boxes, labels, scores = output["boxes"].cpu()[keep], output["labels"].cpu()[keep], output["scores"].cpu()[keep]
-    palette = _palette(len(categories) + 1)
-    colors = [palette[int(l)] for l in labels]
+    colours = palette(len(categories) + 1)
+    colors = [colours[int(l)] for l in labels]
     if "masks" in output and keep.any():
         canvas = draw_segmentation_masks(canvas, output["masks"].cpu()[keep][:, 0] > 0.5, alpha=0.45, colors=colors)
     names = [f"{categories[int(l) - 1] if 0 < int(l) <= len(categories) else int(l)} {s:.2f}" for l, s in zip(labels, scores)]
     if len(boxes):
         canvas = draw_bounding_boxes(canvas, boxes, labels=names, colors=colors, width=2)
     return canvas
-
-
-def _palette(n: int) -> list[tuple[int, int, int]]:
-    import colorsys
-
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)) for i in range(n)]
 
 
 @torch.no_grad()
@@ -297,19 +275,9 @@ def predict_detections(
     x0, y0, x1, y1 with label names and scores at or above the threshold). Unreadable images raise
     ``ValueError`` naming the file before anything is run.
     """
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2 import functional as TF
+    from PIL import Image
 
-    loaded = []
-    for path in images:
-        path = Path(path)
-        try:
-            with Image.open(path) as handle:
-                loaded.append((path, TF.to_dtype(TF.pil_to_tensor(handle.convert("RGB")), torch.float32, scale=True)))
-        except FileNotFoundError:
-            raise
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+    loaded = [(path, image.float() / 255) for path, image in read_images(images)]
     model.eval().to(device)
     out = Path(out_dir)
     records = []

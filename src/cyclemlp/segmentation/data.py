@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from ..dense_run import short_list
 
 __all__ = ["IGNORE_INDEX", "SPLITS", "CatMaxCrop", "RandomRescale", "SegmentationDataset", "normalize", "read_label", "rescale_size", "train_transform"]
 
 IGNORE_INDEX = 255
 SPLITS = {"train": "training", "val": "validation"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def _short(items: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def read_label(path: Path) -> np.ndarray:
@@ -110,11 +106,11 @@ class SegmentationDataset(Dataset):
                 continue
             self.items.append((image, label))
         if missing:
-            raise FileNotFoundError(f"{len(missing)} images in {image_dir} have no label map in {label_dir}: {_short(missing)}")
+            raise FileNotFoundError(f"{len(missing)} images in {image_dir} have no label map in {label_dir}: {short_list(missing)}")
         if unreadable:
-            raise ValueError(f"{len(unreadable)} files in {self.root} cannot be read: {_short(unreadable)}")
+            raise ValueError(f"{len(unreadable)} files in {self.root} cannot be read: {short_list(unreadable)}")
         if mismatched:
-            raise ValueError(f"image/label size mismatch in {self.root}: {_short(mismatched)}")
+            raise ValueError(f"image/label size mismatch in {self.root}: {short_list(mismatched)}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -150,7 +146,7 @@ class SegmentationDataset(Dataset):
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) -> ImageNet-normalised float."""
     image = v2.functional.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True)
-    return v2.functional.normalize(image, list(MEAN), list(STD))
+    return v2.functional.normalize(image, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
 
 
 class CatMaxCrop(torch.nn.Module):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import engine
 from ..checkpoint import atomic_write
-from ..dense_run import adamw, find_checkpoint, open_run, shard, unwrap
+from ..dense_run import adamw, load_run, open_run, palette, read_images, restore_run, save_round, shard, unwrap
 from .data import IGNORE_INDEX, SegmentationDataset, normalize, rescale_size
 from .metrics import confusion_matrix, segmentation_metrics
 from .models import SEGMENTERS
@@ -41,7 +41,6 @@ __all__ = [
     "evaluate_segmenter",
     "infer",
     "load_segmenter",
-    "palette",
     "poly_lr",
     "predict_segmentation",
     "train_segmenter",
@@ -279,12 +278,7 @@ def train_segmenter(
     log = engine.MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=tensorboard)
     start = 0
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        engine.restore_rng_state(state["rng"], dist)
-        ckpt.best = state.get("best_metric")
-        start = state["epoch"] + 1
-        log.truncate(start)
+        start = restore_run(state, model, optimizer, ckpt, log, dist)
         engine.print0(f"resumed after round {state['epoch']} (iteration {state['iteration']})", dist=dist)
     ddp = nn.parallel.DistributedDataParallel(model) if dist.distributed else model
 
@@ -335,12 +329,7 @@ def train_segmenter(
             f"iteration {iteration}: loss {row['train_loss']:.4f}"
             + (f", val mIoU {metric:.4f}" if metric is not None else ""), dist=dist,
         )
-        log.log(row)
-        ckpt.save(
-            {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": index,
-             "iteration": iteration, "rng": engine.capture_rng_state(dist), "metrics": row, "config": config},
-            metric=metric,
-        )
+        save_round(ckpt, log, dist, model, optimizer, row, config, metric, iteration=iteration)
     log.plot(title=f"{model_name} / {backbone}")
     log.close()
     engine.barrier(dist)
@@ -349,24 +338,7 @@ def train_segmenter(
 
 def load_segmenter(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
     """The model saved by :func:`train_segmenter` (a run folder: best, else last checkpoint)."""
-    path, state = find_checkpoint(checkpoint)
-    config = state["config"]
-    if config.get("task") != "segment":
-        raise ValueError(f"{path} is a {config.get('task')!r} checkpoint, not a segmentation one")
-    model = build_segmenter(config)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, path
-
-
-def palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """Distinct colours per class (class 0 dark grey)."""
-    import colorsys
-
-    colours = [(40, 40, 40)]
-    colours += [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.95)) for i in range(num_classes - 1)
-    ]
-    return colours[:num_classes]
+    return load_run(checkpoint, "segment", build_segmenter, device)
 
 
 @torch.no_grad()
@@ -383,22 +355,14 @@ def predict_segmentation(
 
     Returns per image the written files and the fraction of pixels per predicted class.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from torchvision.utils import draw_segmentation_masks
 
     recipe = SegmentationRecipe(**config["recipe"])
     classes = config["classes"]
     colours = palette(len(classes))
     flat = [v for c in colours for v in c]
-    loaded = []
-    for path in map(Path, images):
-        try:
-            with Image.open(path) as handle:
-                loaded.append((path, torch.from_numpy(np.asarray(handle.convert("RGB")).copy()).permute(2, 0, 1)))
-        except FileNotFoundError:
-            raise
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+    loaded = read_images(images)
     model.eval().to(device)
     out = Path(out_dir)
     records = []
