@@ -23,7 +23,6 @@ last and records the parameters; a finished conversion with the same parameters 
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
@@ -36,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import atomic_write
+from .data.fashion_mnist import FASHION_MNIST_CLASSES, FILES, find_fashion_mnist, read_idx
 
 __all__ = [
     "DETECTION_DATASETS",
-    "FASHION_CLASSES",
     "SEGMENTATION_DATASETS",
     "DetectionSplit",
     "SegmentationData",
@@ -53,11 +52,6 @@ __all__ = [
     "prepare_trees",
 ]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
 FASHION_MASK_THRESHOLD = 24  # grey level (of 255) above which a pixel belongs to the object
 TREE_TILE = 400
 TREE_OVERLAP = 0.05
@@ -241,28 +235,14 @@ def prepare_trees(root: str | os.PathLike | None = None) -> dict[str, DetectionS
 # --- Fashion-MNIST canvases ---------------------------------------------------------------------
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def fashion_mnist(split: str = "train", directory: str | os.PathLike = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST images ``(N, 28, 28)`` uint8 and labels ``(N,)`` from the IDX files."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images ``(N, 28, 28)`` uint8 and labels ``(N,)`` (``"train"`` or ``"test"``),
+    found (or downloaded) by :func:`cyclemlp.data.find_fashion_mnist`."""
+    if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    directory = Path(directory)
-    images = directory / f"{prefix}-images-idx3-ubyte.gz"
-    labels = directory / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images.is_file() or not labels.is_file():
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {directory}; install it with "
-            "'apt-get install dataset-fashion-mnist' (see setup.sh)"
-        )
-    return _read_idx(images), _read_idx(labels)
+    folder = find_fashion_mnist(root)
+    images, labels, _ = FILES[split]
+    return read_idx(folder / images), read_idx(folder / labels)
 
 
 def fashion_canvases(
@@ -318,13 +298,14 @@ def prepare_fashion_instances(
     from pycocotools import mask as mask_utils
 
     out = Path(root or default_root()) / "fashion"
-    params = {"train": train, "val": val, "size": size, "seed": seed, "threshold": FASHION_MASK_THRESHOLD}
+    params = {"train": train, "val": val, "size": size, "seed": seed, "threshold": FASHION_MASK_THRESHOLD,
+              "classes": list(FASHION_MNIST_CLASSES)}
 
     def build() -> dict[str, Any]:
         description = "real Fashion-MNIST objects on synthetic canvases (layout synthetic), by cyclemlp"
         counts = {}
         for split, count, source, offset in (("train", train, "train", 0), ("val", val, "test", 1)):
-            coco = _coco_skeleton(list(FASHION_CLASSES), description)
+            coco = _coco_skeleton(list(FASHION_MNIST_CLASSES), description)
             for i, (image, instances) in enumerate(fashion_canvases(count, source, size, seed=seed * 2 + offset)):
                 name = f"{split}/{i:05d}.png"
                 _write_png(out / "images" / name, image)
@@ -346,7 +327,8 @@ def prepare_fashion_semantic(
 ) -> SegmentationData:
     """Fashion-MNIST canvases as ADE20K-layout semantic maps: 0 background, 1..10 the classes."""
     out = Path(root or default_root()) / "fashion-semantic"
-    params = {"train": train, "val": val, "size": size, "seed": seed, "threshold": FASHION_MASK_THRESHOLD}
+    params = {"train": train, "val": val, "size": size, "seed": seed, "threshold": FASHION_MASK_THRESHOLD,
+              "classes": list(FASHION_MNIST_CLASSES)}
 
     def build() -> dict[str, Any]:
         counts = {}
@@ -361,7 +343,7 @@ def prepare_fashion_semantic(
         return {"counts": counts}
 
     _cached(out, params, build)
-    return SegmentationData(out, ("background",) + FASHION_CLASSES)
+    return SegmentationData(out, ("background",) + FASHION_MNIST_CLASSES)
 
 
 # --- nuclei (stardist) --------------------------------------------------------------------------

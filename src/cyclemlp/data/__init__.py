@@ -1,0 +1,215 @@
+"""Datasets, transforms and loaders for classification.
+
+* ``fashion-mnist`` — the built-in dataset (:class:`FashionMNIST`), read from the Debian package
+  or downloaded when online.
+* ImageNet-layout folders (:class:`ImageFolder`): ``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``.
+
+Transforms are timm's (:func:`timm.data.create_transform`: random-resized crop, flip, RandAugment,
+random erasing, ...); samplers are torch's ``DistributedSampler`` (seeded, also used with one
+process so a run's batches depend only on the seed and epoch) or timm's ``RepeatAugSampler``.
+Batches are ``(images, targets, n_skipped)``: unreadable images are dropped by :func:`collate_skip`
+and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+from timm.data import create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import _worker_init
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import default_collate
+
+from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, find_fashion_mnist, read_idx
+from .folder import CorruptImageError, ImageFolder, find_classes, find_images
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "CorruptImageError",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNIST",
+    "ImageFolder",
+    "build_dataset",
+    "build_loader",
+    "build_transform",
+    "collate_skip",
+    "find_classes",
+    "find_fashion_mnist",
+    "find_images",
+    "read_idx",
+]
+
+BUILTIN_DATASETS = {"fashion-mnist": FashionMNIST}
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "torch/fashion_mnist": "fashion-mnist"}
+
+
+def builtin_name(name: str) -> str:
+    """Canonical built-in dataset name; ValueError listing the known ones otherwise."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; built-in datasets: {sorted(BUILTIN_DATASETS)} "
+                         "(use --data DIR for an ImageNet-layout folder)")
+    return key
+
+
+def native_in_chans(dataset: str | None) -> int:
+    """Channels of a built-in dataset's images (3 for image folders)."""
+    return BUILTIN_DATASETS[builtin_name(dataset)].in_chans if dataset else 3
+
+
+def default_splits(dataset: str | None) -> tuple[str, str]:
+    """(training split, evaluation split) names."""
+    return ("train", "test") if dataset else ("train", "val")
+
+
+def build_dataset(
+    dataset: str | None = None,
+    data: str | os.PathLike | None = None,
+    split: str = "train",
+    transform: Callable | None = None,
+    classes: Sequence[str] | None = None,
+    in_chans: int = 3,
+    strict: bool = False,
+    subset: int | None = None,
+) -> Dataset:
+    """One split of a built-in dataset (``dataset``; ``data`` is then an optional folder with its
+    files) or of an ImageNet-layout folder (``data``).
+
+    Args:
+        classes: class names fixing an image folder's index mapping (the training split's).
+        in_chans: channels the model takes; images are read as grey (1) or RGB (3).
+        strict: stop at the first unreadable image instead of skipping it.
+        subset: keep ``subset`` images, evenly spread over the split (quick runs, tests).
+    """
+    if dataset is None and data is None:
+        raise ValueError("no dataset given: pass --dataset NAME (built-in) or --data DIR (image folder)")
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3 for image datasets; got {in_chans}")
+    mode = "L" if in_chans == 1 else "RGB"
+    if dataset is not None:
+        ds: Dataset = BUILTIN_DATASETS[builtin_name(dataset)](data, split, transform, mode=mode)
+    else:
+        ds = ImageFolder(data, split, transform, classes=classes, mode=mode, strict=strict)
+    if subset is not None and subset < len(ds):
+        if subset < 1:
+            raise ValueError(f"subset must be a positive number of images; got {subset}")
+        step = len(ds) / subset
+        keep = [int(i * step) for i in range(subset)]
+        sub = Subset(ds, keep)
+        sub.classes = ds.classes  # type: ignore[attr-defined]
+        sub.targets = [int(ds.targets[i]) for i in keep]  # type: ignore[attr-defined]
+        return sub
+    return ds
+
+
+def build_transform(
+    data_config: dict[str, Any],
+    training: bool,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    color_jitter: float = 0.4,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    no_aug: bool = False,
+) -> Callable:
+    """timm's transform for ``data_config`` (``input_size`` (C, H, W), ``interpolation``,
+    ``crop_pct``, ``mean``, ``std``): training augmentation or the evaluation resize + centre crop."""
+    return create_transform(
+        data_config["input_size"],
+        is_training=training,
+        no_aug=no_aug,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        vflip=vflip,
+        color_jitter=color_jitter or None,
+        auto_augment=auto_augment or None,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+    )
+
+
+def collate_skip(batch: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Collate ``(image, target)`` pairs, dropping unreadable ones (None): ``(images, targets,
+    n_skipped)``; images and targets are None when the whole batch was unreadable."""
+    kept = [item for item in batch if item is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, skipped
+    images, targets = default_collate(kept)
+    return images, targets, skipped
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Every ``world``-th index from ``rank``: evaluation shards without padding or repeats."""
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.indices = range(rank, length, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    training: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    workers: int = 2,
+    aug_repeats: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader for one process of a (possibly one-process) run.
+
+    Training shuffles with a sampler seeded by ``seed`` and the epoch (call
+    ``loader.sampler.set_epoch(epoch)``) and drops the last incomplete batch; ``aug_repeats > 1``
+    uses repeated augmentation. Evaluation shards the data without padding. Workers are started
+    afresh every epoch with seeds drawn from torch's generator, so a run resumed from a captured
+    random state sees the same augmentations.
+    """
+    if training:
+        if aug_repeats > 1:
+            sampler: torch.utils.data.Sampler = RepeatAugSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=aug_repeats
+            )
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=True)
+        if len(sampler) < batch_size:
+            raise ValueError(
+                f"the training split has {len(dataset)} images, fewer than one batch per process "
+                f"({batch_size}); lower --batch-size"
+            )
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skip,
+        pin_memory=pin_memory,
+        drop_last=training,
+        persistent_workers=False,
+        worker_init_fn=partial(_worker_init, worker_seeding="all") if workers > 0 else None,
+    )

@@ -1,0 +1,159 @@
+"""Datasets and loaders: Fashion-MNIST from its IDX files, image folders with bad content."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+
+import numpy as np
+import pytest
+import torch
+from timm.data import ImageNetInfo
+
+from cyclemlp.data import (
+    CorruptImageError,
+    FashionMNIST,
+    ImageFolder,
+    build_dataset,
+    build_loader,
+    build_transform,
+    collate_skip,
+    fashion_mnist,
+    find_fashion_mnist,
+    read_idx,
+)
+from train_utils import foolbox_imagenet, imagenet_folder
+
+
+def test_fashion_mnist_reads_the_real_files():
+    train = FashionMNIST(split="train")
+    test = FashionMNIST(split="val")  # alias of test
+    assert len(train) == 60000 and len(test) == 10000
+    assert torch.bincount(train.targets).tolist() == [6000] * 10
+    image, target = test[0]
+    assert image.mode == "L" and image.size == (28, 28) and target == 9  # the first test image is an ankle boot
+    rgb, _ = FashionMNIST(split="test", mode="RGB")[0]
+    assert rgb.mode == "RGB"
+    with pytest.raises(ValueError, match="splits 'train' and 'test'"):
+        FashionMNIST(split="holdout")
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    good = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    header = bytes([0, 0, 8, 2]) + (3).to_bytes(4, "big") + (4).to_bytes(4, "big")
+    (tmp_path / "ok.gz").write_bytes(gzip.compress(header + good.tobytes()))
+    assert np.array_equal(read_idx(tmp_path / "ok.gz"), good)
+    (tmp_path / "short.gz").write_bytes(gzip.compress(header + good.tobytes()[:-1]))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short.gz")
+    (tmp_path / "text.gz").write_bytes(gzip.compress(b"hello world"))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "text.gz")
+    (tmp_path / "broken.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(ValueError, match="cannot read IDX file"):
+        read_idx(tmp_path / "broken.gz")
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(fashion_mnist, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        find_fashion_mnist(download=False)
+
+    def offline(url, root, filename=None, md5=None):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", offline)
+    with pytest.raises(FileNotFoundError, match=r"downloading it from http.*failed.*apt-get"):
+        find_fashion_mnist()
+    with pytest.raises(FileNotFoundError, match="not found in"):
+        find_fashion_mnist(tmp_path / "empty", download=False)
+
+
+def test_subset_is_spread_over_the_classes():
+    ds = build_dataset("fashion-mnist", split="test", subset=200, in_chans=1)
+    assert len(ds) == 200 and len(set(ds.targets)) == 10
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("cifar-11")
+    with pytest.raises(ValueError, match="no dataset given"):
+        build_dataset()
+
+
+def test_image_folder_maps_synsets_and_classes(tmp_path):
+    root = imagenet_folder(tmp_path)
+    train = ImageFolder(root, "train")
+    assert len(train) == 20 and len(train.classes) == 19  # two photos share class 609
+    synsets = list(ImageNetInfo().label_names())
+    imagenet = ImageFolder(root, "val", classes=synsets)
+    for (path, target) in imagenet.samples:  # the label in each file name is its ImageNet index
+        assert target == int(path.rsplit("_", 1)[1].split(".")[0])
+    image, _ = imagenet[0]
+    assert image.mode == "RGB"
+    (root / "val" / "n99999999").mkdir()
+    (root / "val" / "n99999999" / "x.jpg").write_bytes(foolbox_imagenet()[0].read_bytes())
+    with pytest.raises(ValueError, match="training classes lack"):
+        ImageFolder(root, "val", classes=train.classes)
+
+
+def test_empty_class_folder_and_missing_dataset_are_clear_errors(tmp_path):
+    root = imagenet_folder(tmp_path)
+    (root / "train" / "n00000000").mkdir()
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) .* hold no images \(n00000000\)"):
+        ImageFolder(root, "train")
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        ImageFolder(tmp_path / "nowhere", "train")
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class folders"):
+        ImageFolder(tmp_path / "flat", "train")
+
+
+def _corrupt_tree(tmp_path):
+    root = imagenet_folder(tmp_path)
+    first = sorted((root / "val").iterdir())[0]
+    (first / "zero.jpg").write_bytes(b"")
+    good = foolbox_imagenet()[0].read_bytes()
+    (first / "cut.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
+    root = _corrupt_tree(tmp_path)
+    cfg = dict(input_size=(3, 32, 32), interpolation="bilinear", crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds = ImageFolder(root, "val", build_transform(cfg, False))
+    loader = build_loader(ds, batch_size=8, training=False, workers=0)
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert sum(b[2] for b in batches) == 2
+    assert sum(len(b[1]) for b in batches if b[1] is not None) == 20
+    assert "zero.jpg" in caplog.text and "cut.jpg" in caplog.text
+
+
+def test_strict_mode_names_the_corrupt_file(tmp_path):
+    root = _corrupt_tree(tmp_path)
+    ds = ImageFolder(root, "val", strict=True)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("cut.jpg")][0]
+    with pytest.raises(CorruptImageError, match=r"cannot read image .*cut\.jpg"):
+        ds[bad]
+
+
+def test_collate_drops_unreadable_items():
+    images, targets, skipped = collate_skip([None, (torch.zeros(1, 2, 2), 3), None])
+    assert images.shape == (1, 1, 2, 2) and targets.tolist() == [3] and skipped == 2
+    assert collate_skip([None, None]) == (None, None, 2)
+
+
+def test_training_loader_is_seeded_and_sharded():
+    ds = build_dataset("fashion-mnist", split="test", subset=64, in_chans=1)
+    cfg = dict(input_size=(1, 28, 28), interpolation="bilinear", crop_pct=1.0, mean=(0.5,), std=(0.5,))
+    ds.dataset.transform = build_transform(cfg, False)
+
+    def order(seed, rank=0, world=1, epoch=0):
+        loader = build_loader(ds, 8, True, rank, world, seed=seed, workers=0)
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([t for _, t, _ in loader]).tolist()
+
+    assert order(1) == order(1) and order(1) != order(2) and order(1) != order(1, epoch=1)
+    halves = order(1, 0, 2) + order(1, 1, 2)
+    assert sorted(halves) == sorted(order(1))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        build_loader(ds, 128, True)
