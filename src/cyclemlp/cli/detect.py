@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--val-ann", help="COCO json of the validation split")
     train.add_argument("--val-images", help="image folder of the validation split")
     train.add_argument("--weights", help="classification checkpoint (the project's or the authors') for the backbone")
-    train.add_argument("--out", default="runs/detect", help="run folder (checkpoints, metrics); default runs/detect")
+    train.add_argument("--output", default="runs/detect", help="run folder (checkpoints, metrics); default runs/detect")
     train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth)")
     train.add_argument("--epochs", type=int, default=12)
     train.add_argument("--lr", type=float, help="base learning rate (default 1e-4 RetinaNet, 2e-4 Mask R-CNN)")
@@ -79,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     predict = actions.add_parser("predict", help="draw a detector's boxes/masks on images")
     predict.add_argument("checkpoint", help="run folder or checkpoint file")
     predict.add_argument("images", nargs="+", help="image files or folders")
-    predict.add_argument("--out", default="predictions", help="folder for the drawn images (default predictions)")
+    predict.add_argument("--output", default="predictions", help="folder for the drawn images (default predictions)")
     predict.add_argument("--score-threshold", type=float, default=0.5)
     predict.add_argument("--device", default="auto")
     predict.add_argument("--json", metavar="PATH", help="also write the detections as JSON")
@@ -87,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=sorted(DETECTION_DATASETS), help="embedded dataset")
+    parser.add_argument("--dataset", choices=sorted(DETECTION_DATASETS), help="embedded dataset")
     parser.add_argument("--data-root", default=None, help=f"where embedded data is converted (default {default_root()})")
 
 
@@ -105,20 +105,20 @@ def run_train(args: argparse.Namespace) -> int:
     if args.backbone not in MODEL_CONFIGS and args.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
         raise ValueError(f"unknown backbone {args.backbone!r}; choose a CycleMLP ({', '.join(MODEL_CONFIGS)}) or resnet18/50")
     if args.train_ann:
-        if args.data:
-            raise ValueError("give either --data or --train-ann, not both")
+        if args.dataset:
+            raise ValueError("give either --dataset or --train-ann, not both")
         model = args.model or "retinanet"
         defaults = {"min_size": 800, "max_size": 1333}
         masks = model == "mask_rcnn"
         train_set = _dataset(args.train_ann, args.train_images, masks, True)
         val_set = _dataset(args.val_ann, args.val_images, masks, False) if args.val_ann else None
     else:
-        data = args.data or ("fashion" if args.model == "mask_rcnn" else "trees")
+        data = args.dataset or ("fashion" if args.model == "mask_rcnn" else "trees")
         defaults = DATA_DEFAULTS[data]
         model = args.model or defaults["model"]
         masks = model == "mask_rcnn"
         if masks and data == "trees":
-            raise ValueError("the tree-crown data has boxes only; Mask R-CNN needs masks (use --data fashion)")
+            raise ValueError("the tree-crown data has boxes only; Mask R-CNN needs masks (use --dataset fashion)")
         splits = DETECTION_DATASETS[data](args.data_root)
         train_set = _dataset(splits["train"].ann_file, splits["train"].image_dir, masks, True)
         val_set = _dataset(splits["val"].ann_file, splits["val"].image_dir, masks, False)
@@ -133,10 +133,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     backbone_kwargs = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
     train_detector(
-        model, args.backbone, train_set, val_set, args.out, recipe, weights=args.weights, resume=args.resume,
+        model, args.backbone, train_set, val_set, args.output, recipe, weights=args.weights, resume=args.resume,
         device=args.device, backbone_kwargs=backbone_kwargs, tensorboard=args.tensorboard,
     )
-    print(f"run written to {args.out}")
+    print(f"run written to {args.output}")
     return 0
 
 
@@ -151,7 +151,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.ann:
         dataset = _dataset(args.ann, args.images, masks, False)
     else:
-        data = args.data or ("fashion" if masks else "trees")
+        data = args.dataset or ("fashion" if masks else "trees")
         split = args.split or DATA_DEFAULTS[data]["eval_split"]
         splits = DETECTION_DATASETS[data](args.data_root)
         if split not in splits:
@@ -196,7 +196,7 @@ def run_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, config, _ = load_detector(args.checkpoint, device)
     records = predict_detections(
-        model, image_files(args.images), args.out, config["categories"], args.score_threshold, device,
+        model, image_files(args.images), args.output, config["categories"], args.score_threshold, device,
     )
     for record in records:
         print(f"{record['file']}: {len(record['detections'])} detections -> {record['output']}")

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train Semantic FPN (AdamW lr 2e-4, wd 1e-4, poly 0.9, 40k iterations) or UperNet (Swin's "
             "setting: AdamW lr 6e-5, wd 0.01, 1500 warm-up iterations, poly 1.0, 160k iterations) with "
-            "random rescale 0.5-2.0, crop, flip and photometric distortion. Without --data-dir the "
+            "random rescale 0.5-2.0, crop, flip and photometric distortion. Without --data the "
             "embedded data is used: 'fashion-semantic' (real Fashion-MNIST objects on synthetic "
             "canvases, 11 classes) or 'nuclei' (a real microscopy image, nucleus vs background)."
         ),
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--backbone", help="CycleMLP name (default: cyclemlp_b1 for Semantic FPN, cyclemlp_t for UperNet)")
     _data_arguments(train)
     train.add_argument("--weights", help="classification checkpoint (the project's or the authors') for the backbone")
-    train.add_argument("--out", default="runs/segment", help="run folder (checkpoints, metrics); default runs/segment")
+    train.add_argument("--output", default="runs/segment", help="run folder (checkpoints, metrics); default runs/segment")
     train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth)")
     train.add_argument("--iters", type=int, help="training iterations (40000 Semantic FPN, 160000 UperNet)")
     train.add_argument("--lr", type=float, help="base learning rate (2e-4 / 6e-5)")
@@ -73,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     predict = actions.add_parser("predict", help="colour-palette overlays of a model's segmentation")
     predict.add_argument("checkpoint", help="run folder or checkpoint file")
     predict.add_argument("images", nargs="+", help="image files or folders")
-    predict.add_argument("--out", default="predictions", help="output folder (default predictions)")
+    predict.add_argument("--output", default="predictions", help="output folder (default predictions)")
     predict.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the run's)")
     predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     predict.add_argument("--device", default="auto")
@@ -82,11 +82,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser, inference: bool = False) -> None:
-    parser.add_argument("--data", choices=sorted(SEGMENTATION_DATASETS), help="embedded dataset (default fashion-semantic)")
+    parser.add_argument("--dataset", choices=sorted(SEGMENTATION_DATASETS), help="embedded dataset (default fashion-semantic)")
     parser.add_argument("--data-root", default=None, help=f"where embedded data is converted (default {default_root()})")
-    parser.add_argument("--data-dir", help="ADE20K-layout folder (images/{training,validation}, annotations/...)")
-    parser.add_argument("--num-classes", type=int, help="classes of --data-dir (150 for ADE20K)")
-    parser.add_argument("--classes-file", help="class names of --data-dir, one per line")
+    parser.add_argument("--data", metavar="DIR", help="ADE20K-layout folder (images/{training,validation}, annotations/...)")
+    parser.add_argument("--num-classes", type=int, help="classes of --data (150 for ADE20K)")
+    parser.add_argument("--classes-file", help="class names of --data, one per line")
     parser.add_argument("--reduce-zero-label", action="store_true", help="label 0 -> 255 (ignore), others -1 (ADE20K)")
     parser.add_argument("--mode", choices=("whole", "slide"), **({} if inference else {"default": "whole"}),
                         help="inference: whole image or sliding crop windows")
@@ -94,20 +94,20 @@ def _data_arguments(parser: argparse.ArgumentParser, inference: bool = False) ->
 
 
 def _resolve_data(args: argparse.Namespace) -> tuple[Path, list[str], bool, dict]:
-    """(root, class names, reduce_zero_label, size defaults) of --data or --data-dir."""
-    if args.data_dir:
-        if args.data:
-            raise ValueError("give either --data or --data-dir, not both")
+    """(root, class names, reduce_zero_label, size defaults) of --dataset or --data."""
+    if args.data:
+        if args.dataset:
+            raise ValueError("give either --dataset or --data, not both")
         if args.classes_file:
             classes = [line.strip() for line in Path(args.classes_file).read_text().splitlines() if line.strip()]
         elif args.num_classes:
             classes = [str(i) for i in range(args.num_classes)]
         else:
-            raise ValueError("--data-dir needs --num-classes or --classes-file")
+            raise ValueError("--data needs --num-classes or --classes-file")
         if args.num_classes and len(classes) != args.num_classes:
             raise ValueError(f"--classes-file lists {len(classes)} classes but --num-classes is {args.num_classes}")
-        return Path(args.data_dir), classes, args.reduce_zero_label, {}
-    name = args.data or "fashion-semantic"
+        return Path(args.data), classes, args.reduce_zero_label, {}
+    name = args.dataset or "fashion-semantic"
     data = SEGMENTATION_DATASETS[name](args.data_root)
     return data.root, list(data.classes), data.reduce_zero_label, DATA_DEFAULTS[name]
 
@@ -133,10 +133,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     backbone_kwargs = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
     train_segmenter(
-        args.model, backbone, train_set, val_set, classes, args.out, recipe, weights=args.weights,
+        args.model, backbone, train_set, val_set, classes, args.output, recipe, weights=args.weights,
         resume=args.resume, device=args.device, backbone_kwargs=backbone_kwargs, tensorboard=args.tensorboard,
     )
-    print(f"run written to {args.out}")
+    print(f"run written to {args.output}")
     return 0
 
 
@@ -151,11 +151,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, config, path = load_segmenter(args.checkpoint, device)
-    if not (args.data or args.data_dir):  # the embedded data the model was trained on, by its classes
+    if not (args.dataset or args.data):  # the embedded data the model was trained on, by its classes
         matches = [n for n in SEGMENTATION_DATASETS if list(SEGMENTATION_DATASETS[n](args.data_root).classes) == config["classes"]]
         if not matches:
-            raise ValueError(f"{path} was not trained on embedded data; give --data-dir")
-        args.data = matches[0]
+            raise ValueError(f"{path} was not trained on embedded data; give --data")
+        args.dataset = matches[0]
     root, classes, reduce_zero, _ = _resolve_data(args)
     if len(classes) != config["num_classes"]:
         raise ValueError(f"the data has {len(classes)} classes, the model {config['num_classes']} ({path})")
@@ -186,7 +186,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model, config, _ = load_segmenter(args.checkpoint, device)
     if args.mode:
         config["recipe"]["mode"] = args.mode
-    records = predict_segmentation(model, image_files(args.images), args.out, config, device, args.alpha)
+    records = predict_segmentation(model, image_files(args.images), args.output, config, device, args.alpha)
     for record in records:
         top = sorted(record["fractions"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{record['file']} -> {record['overlay']} ({', '.join(f'{k} {100 * v:.1f}%' for k, v in top)})")
