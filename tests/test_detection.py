@@ -24,6 +24,7 @@ from cyclemlp.detection.train import (
     predict_detections,
     train_detector,
 )
+from dense_utils import make_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
@@ -35,39 +36,6 @@ def _tiny(build, name="cyclemlp_b1", num_classes=3, channels=32, **kwargs):
     indices, extra = ((1, 2, 3), "p6p7") if build is retinanet else ((0, 1, 2, 3), "maxpool")
     body, _ = cyclemlp_fpn(name, indices, extra, out_channels=channels, **TINY)
     return build(body, num_classes=num_classes, **kwargs)
-
-
-# --- data made on the fly: coloured rectangles with boxes and masks -----------------------------
-
-
-def make_coco(root: Path, sizes, boxes_per_image=2, seed=0, split="train") -> tuple[Path, Path]:
-    rng = np.random.default_rng(seed)
-    images_dir = root / "images"
-    (images_dir / split).mkdir(parents=True, exist_ok=True)
-    coco = {"images": [], "annotations": [], "categories": [{"id": 7, "name": "red"}, {"id": 9, "name": "blue"}]}
-    from pycocotools import mask as mask_utils
-
-    for i, (h, w) in enumerate(sizes):
-        image = np.full((h, w, 3), 30, dtype=np.uint8)
-        name = f"{split}/{i}.png"
-        coco["images"].append({"id": i + 1, "file_name": name, "width": w, "height": h})
-        for _ in range(boxes_per_image):
-            bw, bh = int(rng.integers(w // 5, w // 2)), int(rng.integers(h // 5, h // 2))
-            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-            cat = int(rng.choice([7, 9]))
-            image[y:y + bh, x:x + bw] = (220, 40, 40) if cat == 7 else (40, 40, 220)
-            mask = np.zeros((h, w), dtype=np.uint8)
-            mask[y:y + bh, x:x + bw] = 1
-            rle = mask_utils.encode(np.asfortranarray(mask))
-            rle["counts"] = rle["counts"].decode()
-            coco["annotations"].append({
-                "id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": cat,
-                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0, "segmentation": rle,
-            })
-        Image.fromarray(image).save(images_dir / name)
-    ann = root / f"{split}.json"
-    ann.write_text(json.dumps(coco))
-    return ann, images_dir
 
 
 def _edit(ann: Path, change) -> Path:
@@ -83,7 +51,8 @@ def _edit(ann: Path, change) -> Path:
 @pytest.mark.parametrize("name", ["cyclemlp_b1", "cyclemlp_t"])
 @pytest.mark.parametrize("size", [(64, 96), (72, 40)])
 def test_pyramid_levels_at_non_square_sizes(name, size):
-    for indices, extra, strides in (((1, 2, 3), "p6p7", (8, 16, 32, 64, 128)), ((0, 1, 2, 3), "maxpool", (4, 8, 16, 32, 64))):
+    necks = (((1, 2, 3), "p6p7", (8, 16, 32, 64, 128)), ((0, 1, 2, 3), "maxpool", (4, 8, 16, 32, 64)))
+    for indices, extra, strides in necks:
         body, report = cyclemlp_fpn(name, indices, extra, out_channels=16, **TINY)
         assert report is None
         feats = body(torch.randn(1, 3, *size))
@@ -99,11 +68,14 @@ def _targets(sizes):
     for h, w in sizes:
         masks = torch.zeros(1, h, w, dtype=torch.uint8)
         masks[0, h // 4: h // 2, w // 4: w // 2] = 1
-        targets.append({"boxes": torch.tensor([[w / 4, h / 4, w / 2, h / 2]]), "labels": torch.tensor([1]), "masks": masks})
+        boxes = torch.tensor([[w / 4, h / 4, w / 2, h / 2]])
+        targets.append({"boxes": boxes, "labels": torch.tensor([1]), "masks": masks})
     return targets
 
 
-@pytest.mark.parametrize("build,name", [(retinanet, "cyclemlp_b1"), (mask_rcnn, "cyclemlp_b1"), (retinanet, "cyclemlp_t")])
+@pytest.mark.parametrize(
+    "build,name", [(retinanet, "cyclemlp_b1"), (mask_rcnn, "cyclemlp_b1"), (retinanet, "cyclemlp_t")]
+)
 def test_detector_forward_backward_non_square(build, name):
     model = _tiny(build, name, min_size=64, max_size=160, detections_per_img=5)
     sizes = [(64, 96), (96, 64), (80, 112)]
@@ -218,7 +190,8 @@ def test_images_without_annotations_skipped_in_training_kept_in_evaluation(tmp_p
 def test_label_outside_class_list_names_the_file(tmp_path):
     ann, images = make_coco(tmp_path, [(48, 64)])
     _edit(ann, lambda d: d["annotations"][1].update(category_id=3))
-    with pytest.raises(ValueError, match=r"annotation 2 of train/0.png has category id 3.*not in the category list \[7, 9\]"):
+    message = r"annotation 2 of train/0.png has category id 3.*not in the category list \[7, 9\]"
+    with pytest.raises(ValueError, match=message):
         CocoDataset(ann, images)
 
 
@@ -352,7 +325,8 @@ def test_train_then_eval_and_predict_from_the_run(tmp_path):
     assert rows[0]["epoch"] == 0 and np.isfinite(rows[0]["train_loss"]) and "val_bbox_AP50" in rows[0]
     assert {"last.pth", "best.pth", "metrics.csv", "metrics.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
     with pytest.raises(ValueError, match="already holds a training run"):
-        train_detector("retinanet", "cyclemlp_b1", train_set, val_set, tmp_path / "run", _recipe(1), backbone_kwargs=TINY)
+        train_detector("retinanet", "cyclemlp_b1", train_set, val_set, tmp_path / "run", _recipe(1),
+                       backbone_kwargs=TINY)
     with pytest.raises(ValueError, match="cannot resume .*model='retinanet'"):
         train_detector("mask_rcnn", "cyclemlp_b1", train_set, val_set, tmp_path / "run", _recipe(2),
                        resume=tmp_path / "run", backbone_kwargs=TINY)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,25 +23,9 @@ from cyclemlp.segmentation.train import (
     predict_segmentation,
     train_segmenter,
 )
+from dense_utils import make_ade
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128))
-
-
-def make_ade(root: Path, sizes, num_classes=3, seed=0, zero_is_other=False) -> Path:
-    """ADE20K-layout folder of coloured rectangles: class c is painted with colour c."""
-    rng = np.random.default_rng(seed)
-    colours = np.array([(20, 20, 20), (230, 40, 40), (40, 40, 230), (40, 230, 40)], dtype=np.uint8)
-    for split, split_sizes in (("training", sizes), ("validation", sizes[:2])):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-        for i, (h, w) in enumerate(split_sizes):
-            label = np.zeros((h, w), dtype=np.uint8)
-            for c in range(1, num_classes):
-                y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
-                label[y:y + h // 3, x:x + w // 3] = c
-            Image.fromarray(colours[label]).save(root / "images" / split / f"{i}.png")
-            Image.fromarray(label + (1 if zero_is_other else 0)).save(root / "annotations" / split / f"{i}.png")
-    return root
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -250,4 +233,5 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     resumed = torch.load(tmp_path / "stopped" / "last.pth", weights_only=True)
     assert resumed["iteration"] == 4
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
-    assert json.loads((tmp_path / "stopped" / "metrics.json").read_text())[-1]["val_mIoU"] == pytest.approx(rows[-1]["val_mIoU"])
+    resumed_rows = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert resumed_rows[-1]["val_mIoU"] == pytest.approx(rows[-1]["val_mIoU"])

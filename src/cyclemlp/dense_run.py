@@ -18,11 +18,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from . import engine
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, save_weights
 
 __all__ = [
-    "adamw", "find_checkpoint", "load_run", "open_run", "palette", "read_images", "restore_run", "save_round", "shard",
-    "short_list", "unwrap",
+    "adamw", "find_checkpoint", "finish_run", "load_run", "open_run", "palette", "read_images", "restore_run",
+    "save_round", "shard", "short_list", "unwrap",
 ]
 
 
@@ -99,7 +99,9 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
             raise FileNotFoundError(f"{path} holds no {engine.BEST} or {engine.LAST}")
     state = engine.load_training_state(path)
     if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{path} has no model configuration; it was not written by a cyclemlp dense-prediction run")
+        raise CheckpointError(
+            f"{path} has no model configuration; it was not written by a cyclemlp dense-prediction run"
+        )
     return path, state
 
 
@@ -123,13 +125,28 @@ def save_round(
     optimizer: torch.optim.Optimizer, row: dict[str, Any], config: dict[str, Any], metric: float | None,
     **extra: Any,
 ) -> None:
-    """Log an epoch's (round's) row and write the checkpoint (a collective call: RNG capture)."""
-    log.log(row)
+    """Write the checkpoint, then log the epoch's (round's) row, so that a logged row always has its
+    checkpoint (a collective call: the RNG states of all ranks are captured)."""
     ckpt.save(
         {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": row["epoch"],
          "rng": engine.capture_rng_state(dist), "metrics": row, "config": config, **extra},
         metric=metric,
     )
+    log.log(row)
+
+
+def finish_run(
+    out_dir: str | os.PathLike, log: engine.MetricsLogger, dist: engine.DistInfo, model: nn.Module,
+    config: dict[str, Any], title: str,
+) -> None:
+    """End of training: the final weights as ``model.safetensors`` (with the run's configuration in
+    its metadata) and the curves PNG, written by rank 0."""
+    if dist.is_main:
+        final = log.rows[-1] if log.rows else {}
+        save_weights(unwrap(model), Path(out_dir) / "model.safetensors", metadata={"config": config, "metrics": final})
+        log.plot(title=title)
+    log.close()
+    engine.barrier(dist)
 
 
 def load_run(
@@ -175,7 +192,6 @@ def palette(num_classes: int) -> list[tuple[int, int, int]]:
     import colorsys
 
     colours = [(40, 40, 40)]
-    colours += [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.95)) for i in range(num_classes - 1)
-    ]
+    for i in range(num_classes - 1):  # golden-ratio steps around the hue circle
+        colours.append(tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.95)))
     return colours[:num_classes]

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from timm.utils import ParseKwargs
+
 from ..checkpoint import atomic_write
 from ..dense_datasets import DETECTION_DATASETS, default_root
 from ..model import MODEL_CONFIGS
@@ -57,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--min-size", type=int, help="short side images are resized to (recipe 800)")
     train.add_argument("--max-size", type=int, help="long-side limit (recipe 1333)")
     train.add_argument("--grad-clip", type=float, help="clip the gradient norm (off in the recipe)")
-    train.add_argument("--drop-path-rate", type=float, help="backbone stochastic depth (model default otherwise)")
+    train.add_argument("--backbone-kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
+                       help="passed to timm.create_model for the backbone, e.g. drop_path_rate=0.2")
     train.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and after the last)")
     train.add_argument("--workers", type=int, default=2, help="data loader processes")
     train.add_argument("--seed", type=int, default=0)
@@ -88,7 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=sorted(DETECTION_DATASETS), help="embedded dataset")
-    parser.add_argument("--data-root", default=None, help=f"where embedded data is converted (default {default_root()})")
+    parser.add_argument("--data-root", default=None,
+                        help=f"where embedded data is converted (default {default_root()})")
 
 
 def _dataset(ann: str, images: str | None, masks: bool, train: bool):
@@ -103,7 +107,9 @@ def run_train(args: argparse.Namespace) -> int:
     from ..detection.train import DetectionRecipe, train_detector
 
     if args.backbone not in MODEL_CONFIGS and args.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-        raise ValueError(f"unknown backbone {args.backbone!r}; choose a CycleMLP ({', '.join(MODEL_CONFIGS)}) or resnet18/50")
+        raise ValueError(
+            f"unknown backbone {args.backbone!r}; choose a CycleMLP ({', '.join(MODEL_CONFIGS)}) or resnet18/50"
+        )
     if args.train_ann:
         if args.dataset:
             raise ValueError("give either --dataset or --train-ann, not both")
@@ -131,10 +137,9 @@ def run_train(args: argparse.Namespace) -> int:
         min_size=args.min_size or defaults["min_size"], max_size=args.max_size or defaults["max_size"],
         grad_clip=args.grad_clip, workers=args.workers, seed=args.seed, eval_interval=args.eval_interval,
     )
-    backbone_kwargs = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
     train_detector(
         model, args.backbone, train_set, val_set, args.output, recipe, weights=args.weights, resume=args.resume,
-        device=args.device, backbone_kwargs=backbone_kwargs, tensorboard=args.tensorboard,
+        device=args.device, backbone_kwargs=args.backbone_kwargs, tensorboard=args.tensorboard,
     )
     print(f"run written to {args.output}")
     return 0

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from timm.utils import ParseKwargs
+
 from ..checkpoint import atomic_write
 from ..dense_datasets import SEGMENTATION_DATASETS, default_root
 from ..model import MODEL_CONFIGS
@@ -39,10 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     train.add_argument("--model", choices=("semantic_fpn", "upernet"), default="semantic_fpn")
-    train.add_argument("--backbone", help="CycleMLP name (default: cyclemlp_b1 for Semantic FPN, cyclemlp_t for UperNet)")
+    train.add_argument("--backbone",
+                       help="CycleMLP name (default: cyclemlp_b1 for Semantic FPN, cyclemlp_t for UperNet)")
     _data_arguments(train)
     train.add_argument("--weights", help="classification checkpoint (the project's or the authors') for the backbone")
-    train.add_argument("--output", default="runs/segment", help="run folder (checkpoints, metrics); default runs/segment")
+    train.add_argument("--output", default="runs/segment",
+                       help="run folder (checkpoints, metrics); default runs/segment")
     train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth)")
     train.add_argument("--iters", type=int, help="training iterations (40000 Semantic FPN, 160000 UperNet)")
     train.add_argument("--lr", type=float, help="base learning rate (2e-4 / 6e-5)")
@@ -55,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--ratio-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
     train.add_argument("--eval-interval", type=int, help="iterations between evaluations/checkpoints (4000 / 16000)")
     train.add_argument("--grad-clip", type=float, help="clip the gradient norm (off in the recipe)")
-    train.add_argument("--drop-path-rate", type=float, help="backbone stochastic depth (model default otherwise)")
+    train.add_argument("--backbone-kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
+                       help="passed to timm.create_model for the backbone, e.g. drop_path_rate=0.2")
     train.add_argument("--workers", type=int, default=2, help="data loader processes")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
@@ -82,9 +87,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser, inference: bool = False) -> None:
-    parser.add_argument("--dataset", choices=sorted(SEGMENTATION_DATASETS), help="embedded dataset (default fashion-semantic)")
-    parser.add_argument("--data-root", default=None, help=f"where embedded data is converted (default {default_root()})")
-    parser.add_argument("--data", metavar="DIR", help="ADE20K-layout folder (images/{training,validation}, annotations/...)")
+    parser.add_argument("--dataset", choices=sorted(SEGMENTATION_DATASETS),
+                        help="embedded dataset (default fashion-semantic)")
+    parser.add_argument("--data-root", default=None,
+                        help=f"where embedded data is converted (default {default_root()})")
+    parser.add_argument("--data", metavar="DIR",
+                        help="ADE20K-layout folder (images/{training,validation}, annotations/...)")
     parser.add_argument("--num-classes", type=int, help="classes of --data (150 for ADE20K)")
     parser.add_argument("--classes-file", help="class names of --data, one per line")
     parser.add_argument("--reduce-zero-label", action="store_true", help="label 0 -> 255 (ignore), others -1 (ADE20K)")
@@ -122,7 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
     root, classes, reduce_zero, defaults = _resolve_data(args)
     crop = args.crop_size or defaults.get("crop_size", 512)
     scale = tuple(args.scale or defaults.get("scale", (2048, 512)))
-    train_set = SegmentationDataset(root, "training", len(classes), reduce_zero, train_transform(crop, scale, tuple(args.ratio_range)))
+    transform = train_transform(crop, scale, tuple(args.ratio_range))
+    train_set = SegmentationDataset(root, "training", len(classes), reduce_zero, transform)
     val_set = SegmentationDataset(root, "validation", len(classes), reduce_zero)
     print(f"{root}: {len(train_set)} training / {len(val_set)} validation images, {len(classes)} classes")
     recipe = SegmentationRecipe(
@@ -131,10 +140,9 @@ def run_train(args: argparse.Namespace) -> int:
         ratio_range=tuple(args.ratio_range), eval_interval=args.eval_interval, grad_clip=args.grad_clip,
         workers=args.workers, seed=args.seed, mode=args.mode, stride=args.stride,
     )
-    backbone_kwargs = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
     train_segmenter(
         args.model, backbone, train_set, val_set, classes, args.output, recipe, weights=args.weights,
-        resume=args.resume, device=args.device, backbone_kwargs=backbone_kwargs, tensorboard=args.tensorboard,
+        resume=args.resume, device=args.device, backbone_kwargs=args.backbone_kwargs, tensorboard=args.tensorboard,
     )
     print(f"run written to {args.output}")
     return 0
@@ -152,7 +160,10 @@ def run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, config, path = load_segmenter(args.checkpoint, device)
     if not (args.dataset or args.data):  # the embedded data the model was trained on, by its classes
-        matches = [n for n in SEGMENTATION_DATASETS if list(SEGMENTATION_DATASETS[n](args.data_root).classes) == config["classes"]]
+        matches = [
+            name for name, prepare in SEGMENTATION_DATASETS.items()
+            if list(prepare(args.data_root).classes) == config["classes"]
+        ]
         if not matches:
             raise ValueError(f"{path} was not trained on embedded data; give --data")
         args.dataset = matches[0]

@@ -170,7 +170,9 @@ class CocoDataset(Dataset):
         for ann in data["annotations"]:
             image = images.get(ann.get("image_id"))
             if image is None:
-                raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} refers to unknown image id {ann.get('image_id')!r}")
+                raise ValueError(
+                    f"{self.ann_file}: annotation {ann.get('id')} refers to unknown image id {ann.get('image_id')!r}"
+                )
             if ann.get("category_id") not in category_to_label:
                 raise ValueError(
                     f"{self.ann_file}: annotation {ann.get('id')} of {image['file_name']} has category id "
@@ -178,7 +180,9 @@ class CocoDataset(Dataset):
                     f"{sorted(category_to_label)}"
                 )
             if not isinstance(ann.get("bbox"), (list, tuple)) or len(ann["bbox"]) != 4:
-                raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} of {image['file_name']} has no [x, y, w, h] bbox")
+                raise ValueError(
+                    f"{self.ann_file}: annotation {ann.get('id')} of {image['file_name']} has no [x, y, w, h] bbox"
+                )
             if masks and "segmentation" not in ann:
                 raise ValueError(
                     f"{self.ann_file}: annotation {ann.get('id')} of {image['file_name']} has no segmentation "
@@ -253,7 +257,9 @@ class CocoDataset(Dataset):
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot decode image {path}: {err}") from err
         if pil.size != (info["width"], info["height"]):
-            raise ValueError(f"{path} is {pil.size[0]}x{pil.size[1]}, {self.ann_file} says {info['width']}x{info['height']}")
+            raise ValueError(
+                f"{path} is {pil.size[0]}x{pil.size[1]}, {self.ann_file} says {info['width']}x{info['height']}"
+            )
         anns = self.per_image[image_id]
         size = (info["height"], info["width"])
         image = tv_tensors.Image(v2.functional.pil_to_tensor(pil))
@@ -296,7 +302,8 @@ def _rle(ann: dict, image: dict, ann_file: Path) -> Any:
             )
         if isinstance(segm["counts"], list):
             return mask_utils.frPyObjects(segm, height, width)
-        return {"size": segm["size"], "counts": segm["counts"].encode() if isinstance(segm["counts"], str) else segm["counts"]}
+        counts = segm["counts"].encode() if isinstance(segm["counts"], str) else segm["counts"]
+        return {"size": segm["size"], "counts": counts}
     raise ValueError(f"{ann_file}: annotation {ann.get('id')} of {image['file_name']} has an unreadable segmentation")
 
 

@@ -162,7 +162,8 @@ def _detector(
     else:
         body, report = cyclemlp_fpn(backbone, out_indices, extra, weights=weights, **backbone_kwargs)
     # every backbone here (CycleMLP, torchvision's ResNets) uses ImageNet's normalisation
-    model = detector(body, image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD), **detector_kwargs)
+    mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    model = detector(body, image_mean=mean, image_std=std, **detector_kwargs)
     model.backbone_load_report = report
     return model
 

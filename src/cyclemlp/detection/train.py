@@ -22,7 +22,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import engine
 from ..checkpoint import atomic_write
-from ..dense_run import adamw, load_run, open_run, palette, read_images, restore_run, save_round, shard, unwrap
+from ..dense_run import (
+    adamw, finish_run, load_run, open_run, palette, read_images, restore_run, save_round, shard, unwrap,
+)
 from .data import CocoDataset, collate
 from .evaluate import coco_evaluate, coco_results
 from .models import DETECTORS
@@ -117,7 +119,8 @@ def evaluate_detector(
     if not dist.is_main:
         return {}, ""
     merged = [r for part in gathered for r in part]
-    iou_types = ("bbox", "segm") if getattr(net, "roi_heads", None) is not None and net.roi_heads.has_mask() else ("bbox",)
+    has_masks = getattr(net, "roi_heads", None) is not None and net.roi_heads.has_mask()
+    iou_types = ("bbox", "segm") if has_masks else ("bbox",)
     return coco_evaluate(dataset.coco, merged, iou_types, image_ids=dataset.ids)
 
 
@@ -229,15 +232,20 @@ def train_detector(
             + (f", val {key} {metric:.4f}" if metric is not None else ""), dist=dist,
         )
         save_round(ckpt, log, dist, model, optimizer, row, config, metric)
-    log.plot(title=f"{model_name} / {backbone}")
-    log.close()
-    engine.barrier(dist)
+    finish_run(out_dir, log, dist, model, config, f"{model_name} / {backbone}")
     return log.rows
 
 
-def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
+def load_detector(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any], Path]:
     """The detector saved by :func:`train_detector` (a run folder: best, else last checkpoint)."""
     return load_run(checkpoint, "detect", build_detector, device)
+
+
+def _category(categories: Sequence[str], label: Any) -> str:
+    label = int(label)
+    return categories[label - 1] if 0 < label <= len(categories) else str(label)
 
 
 def draw_detections(
@@ -254,7 +262,7 @@ def draw_detections(
     colors = [colours[int(l)] for l in labels]
     if "masks" in output and keep.any():
         canvas = draw_segmentation_masks(canvas, output["masks"].cpu()[keep][:, 0] > 0.5, alpha=0.45, colors=colors)
-    names = [f"{categories[int(l) - 1] if 0 < int(l) <= len(categories) else int(l)} {s:.2f}" for l, s in zip(labels, scores)]
+    names = [f"{_category(categories, label)} {score:.2f}" for label, score in zip(labels, scores)]
     if len(boxes):
         canvas = draw_bounding_boxes(canvas, boxes, labels=names, colors=colors, width=2)
     return canvas
@@ -291,8 +299,7 @@ def predict_detections(
         records.append({
             "file": str(path), "output": str(target),
             "detections": [
-                {"label": categories[int(l) - 1] if 0 < int(l) <= len(categories) else int(l),
-                 "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
+                {"label": _category(categories, l), "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
                 for b, l, s in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep])
             ],
         })

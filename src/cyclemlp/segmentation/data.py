@@ -28,7 +28,10 @@ from torchvision.transforms import v2
 
 from ..dense_run import short_list
 
-__all__ = ["IGNORE_INDEX", "SPLITS", "CatMaxCrop", "RandomRescale", "SegmentationDataset", "normalize", "read_label", "rescale_size", "train_transform"]
+__all__ = [
+    "IGNORE_INDEX", "SPLITS", "CatMaxCrop", "RandomRescale", "SegmentationDataset", "normalize", "read_label",
+    "rescale_size", "train_transform",
+]
 
 IGNORE_INDEX = 255
 SPLITS = {"train": "training", "val": "validation"}
@@ -86,7 +89,9 @@ class SegmentationDataset(Dataset):
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
-                raise FileNotFoundError(f"{folder} does not exist (expected the ADE20K layout images/{split}, annotations/{split})")
+                raise FileNotFoundError(
+                    f"{folder} does not exist (expected the ADE20K layout images/{split}, annotations/{split})"
+                )
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise ValueError(f"no images in {image_dir}")
@@ -106,7 +111,9 @@ class SegmentationDataset(Dataset):
                 continue
             self.items.append((image, label))
         if missing:
-            raise FileNotFoundError(f"{len(missing)} images in {image_dir} have no label map in {label_dir}: {short_list(missing)}")
+            raise FileNotFoundError(
+                f"{len(missing)} images in {image_dir} have no label map in {label_dir}: {short_list(missing)}"
+            )
         if unreadable:
             raise ValueError(f"{len(unreadable)} files in {self.root} cannot be read: {short_list(unreadable)}")
         if mismatched:

@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import engine
 from ..checkpoint import atomic_write
-from ..dense_run import adamw, load_run, open_run, palette, read_images, restore_run, save_round, shard, unwrap
+from ..dense_run import (
+    adamw, finish_run, load_run, open_run, palette, read_images, restore_run, save_round, shard, unwrap,
+)
 from .data import IGNORE_INDEX, SegmentationDataset, normalize, rescale_size
 from .metrics import confusion_matrix, segmentation_metrics
 from .models import SEGMENTERS
@@ -106,6 +108,11 @@ def build_segmenter(config: dict[str, Any], weights: str | os.PathLike | None = 
     )
 
 
+def _inference(recipe: SegmentationRecipe) -> tuple[str, tuple[int, int], int, int]:
+    """The arguments of :func:`infer` after ``num_classes`` that a recipe fixes."""
+    return recipe.mode, tuple(recipe.scale), recipe.crop_size, recipe.stride
+
+
 def _forward_padded(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     height, width = x.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
@@ -177,7 +184,7 @@ def evaluate_segmenter(
     bar = engine.progress_bar(len(dataset), "eval", progress and dist.is_main)
     for index in range(len(part)):
         image, label = part[index]
-        scores = infer(net, image.to(dist.device), num_classes, recipe.mode, recipe.scale, recipe.crop_size, recipe.stride)
+        scores = infer(net, image.to(dist.device), num_classes, *_inference(recipe))
         matrix += confusion_matrix(scores.argmax(0).cpu(), label, num_classes)
         bar.update(dist.world_size)
     bar.close()
@@ -286,7 +293,7 @@ def train_segmenter(
     iteration = start * recipe.eval_interval
     sampler = _PassSampler(len(train_set), recipe.batch_size, dist, recipe.seed, iteration)
     batches = iter(DataLoader(
-        _Augmented(train_set, recipe.seed + dist.rank), batch_size=recipe.batch_size, sampler=sampler,
+        _Augmented(train_set, recipe.seed), batch_size=recipe.batch_size, sampler=sampler,
         num_workers=recipe.workers,
         # its own generator: creating the loader must not draw from the global RNG (dropout's), or a
         # resumed run would diverge
@@ -330,13 +337,13 @@ def train_segmenter(
             + (f", val mIoU {metric:.4f}" if metric is not None else ""), dist=dist,
         )
         save_round(ckpt, log, dist, model, optimizer, row, config, metric, iteration=iteration)
-    log.plot(title=f"{model_name} / {backbone}")
-    log.close()
-    engine.barrier(dist)
+    finish_run(out_dir, log, dist, model, config, f"{model_name} / {backbone}")
     return log.rows
 
 
-def load_segmenter(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], Path]:
+def load_segmenter(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any], Path]:
     """The model saved by :func:`train_segmenter` (a run folder: best, else last checkpoint)."""
     return load_run(checkpoint, "segment", build_segmenter, device)
 
@@ -367,7 +374,7 @@ def predict_segmentation(
     out = Path(out_dir)
     records = []
     for path, image in loaded:
-        scores = infer(model, normalize(image).to(device), len(classes), recipe.mode, recipe.scale, recipe.crop_size, recipe.stride)
+        scores = infer(model, normalize(image).to(device), len(classes), *_inference(recipe))
         pred = scores.argmax(0).cpu()
         masks = torch.stack([pred == c for c in range(len(classes))])
         overlay = draw_segmentation_masks(image, masks, alpha=alpha, colors=colours)
