@@ -18,18 +18,13 @@ from cyclemlp import engine
 from cyclemlp.checkpoint import CheckpointError
 from cyclemlp.evaluate import evaluate_checkpoint
 from cyclemlp.train import IMAGENET, TrainConfig, recipe, train
-from train_utils import CLI, ROOT, TINY_ARGS, TINY_KWARGS, cli_env, imagenet_folder, run_cli, tiny_config
+from train_utils import (  # noqa: F401  (one_thread is a fixture)
+    CLI, ROOT, TINY_ARGS, TINY_KWARGS, cli_env, imagenet_folder, one_thread, run_cli, tiny_config,
+)
 
 DETERMINISTIC = dict(no_aug=True, drop_path=0.0, reprob=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a thread pool, and on a shared machine waiting for its threads dominates.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

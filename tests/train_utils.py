@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from timm.data import ImageNetInfo
 
 from cyclemlp.train import TrainConfig
@@ -21,6 +23,16 @@ TINY_ARGS = [
     "--model-kwargs", "dims=(16,32,64,128)", "depths=(1,1,1,1)", "--img-size", "32",
     "--train-subset", "256", "--val-subset", "128", "-b", "32", "--no-progress",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one torch thread: tiny models gain nothing from a
+    thread pool, and on a shared machine waiting for its threads dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(output: Path, **overrides) -> TrainConfig:

@@ -17,14 +17,14 @@ Tensors are channels-last, ``(B, H, W, C)``, throughout.
 from __future__ import annotations
 
 import functools
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Pattern", "CycleFC", "cycle_fc", "cycle_offsets", "cycle_shift", "normalize_stepsize"]
+__all__ = ["Pattern", "CycleFC", "cycle_fc", "cycle_offsets", "cycle_shift", "normalize_stepsize", "shift_stack"]
 
 Pattern = Literal["official", "paper"]
 PATTERNS: tuple[str, ...] = ("official", "paper")
@@ -91,40 +91,57 @@ def _as_table(offsets: torch.Tensor | Sequence[Sequence[int]]) -> OffsetTable:
     return tuple((int(dy), int(dx)) for dy, dx in offsets)
 
 
-def _gather_index(
-    height: int, width: int, offsets: OffsetTable, padding: tuple[int, int], device: torch.device
-) -> torch.Tensor:
-    """Flat index into the zero-padded ``(H + 2ph, W + 2pw, C)`` map for every output element."""
-    pad_h, pad_w = padding
-    table = torch.tensor(offsets, dtype=torch.long, device=device)
-    rows = torch.arange(height, device=device).view(height, 1, 1) + (table[:, 0] + pad_h)
-    cols = torch.arange(width, device=device).view(1, width, 1) + (table[:, 1] + pad_w)
-    flat = (rows * (width + 2 * pad_w) + cols) * len(offsets)
-    flat = flat + torch.arange(len(offsets), device=device)
-    return flat.reshape(1, height * width * len(offsets))
+class _ShiftPlan(NamedTuple):
+    """How to build a shift stack eagerly for one feature-map size: a gather index into the unpadded map
+    (out-of-grid reads clamped to the edge) and the border strips whose clamped reads must be
+    zeroed, as (dimension 1 or 2, leading or trailing, invalid-mask) entries."""
+
+    index: torch.Tensor
+    strips: tuple[tuple[int, bool, torch.Tensor], ...]
 
 
-_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
-_INDEX_CACHE_SIZE = 64
+def _build_plan(
+    height: int, width: int, tables: tuple[OffsetTable, ...], device: torch.device
+) -> _ShiftPlan:
+    channels = len(tables[0])
+    table = torch.tensor([pair for t in tables for pair in t], dtype=torch.long, device=device)
+    source = torch.arange(channels, device=device).repeat(len(tables))
+    src_y = torch.arange(height, device=device).view(height, 1, 1) + table[:, 0]  # (H, 1, KC)
+    src_x = torch.arange(width, device=device).view(1, width, 1) + table[:, 1]  # (1, W, KC)
+    flat = (src_y.clamp(0, height - 1) * width + src_x.clamp(0, width - 1)) * channels + source
+    index = flat.reshape(1, height * width * len(source))  # explicit sizes: no export guards
+    valid_y = (src_y >= 0) & (src_y < height)
+    valid_x = (src_x >= 0) & (src_x < width)
+    # Invalid reads only happen within the outer ph rows / pw columns.
+    pad_h = max(abs(dy) for t in tables for dy, _ in t)
+    pad_w = max(abs(dx) for t in tables for _, dx in t)
+    strips = []
+    if pad_h:
+        strips.append((1, True, ~(valid_y[:pad_h] & valid_x)))
+        strips.append((1, False, ~(valid_y[-pad_h:] & valid_x)))
+    if pad_w:
+        strips.append((2, True, ~(valid_y & valid_x[:, :pad_w])))
+        strips.append((2, False, ~(valid_y & valid_x[:, -pad_w:])))
+    return _ShiftPlan(index, tuple(strips))
 
 
-def _index_for(
-    height: int, width: int, offsets: OffsetTable, padding: tuple[int, int], device: torch.device
-) -> torch.Tensor:
-    # Eager calls reuse the index per feature-map size; traced and compiled graphs build it from
-    # the (possibly symbolic) sizes so that one graph serves every resolution.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not isinstance(height, int):
-        return _gather_index(height, width, offsets, padding, device)
-    key = (height, width, str(device), offsets)
-    index = _INDEX_CACHE.get(key)
-    if index is None:
-        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
-            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
-        index = _INDEX_CACHE[key] = _gather_index(height, width, offsets, padding, device)
-    return index
+_PLAN_CACHE: dict[tuple, _ShiftPlan] = {}
+_PLAN_CACHE_SIZE = 64
+
+
+def _plan_for(height: int, width: int, tables: tuple[OffsetTable, ...], device: torch.device) -> _ShiftPlan:
+    key = (height, width, str(device), tables)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+        plan = _PLAN_CACHE[key] = _build_plan(height, width, tables, device)
+    return plan
 
 
 def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
+    if torch.jit.is_tracing():
+        return  # a traced graph keeps no Python checks
     if x.dim() != 4:
         raise ValueError(
             f"{what} expects a channels-last tensor (B, H, W, C); got {x.dim()}-D input of shape "
@@ -137,25 +154,86 @@ def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
         )
 
 
+def shift_stack(x: torch.Tensor, tables: Sequence[torch.Tensor | Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Shifted copies of ``x`` (B, H, W, C), one per offset table, concatenated along channels.
+
+    Returns ``(B, H, W, K * C)`` with ``out[..., k * C + i] = x[b, y + dy, x + dx, i]`` for
+    ``(dy, dx) = tables[k][i]``, zeros outside the grid. A single gather produces all K copies
+    (reads beyond the edge clamped), then the few border strips that read outside are zeroed.
+    """
+    tables = tuple(_as_table(t) for t in tables)
+    if not tables or any(len(t) != len(tables[0]) for t in tables):
+        raise ValueError("shift_stack needs one or more offset tables of equal length")
+    _check_input(x, len(tables[0]), "Cycle FC")
+    if len(tables) == 1 and not any(dy or dx for dy, dx in tables[0]):
+        return x
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _padded_gather_shift(x, tables)
+    return _ShiftStack.apply(x, tables)
+
+
+def _padded_gather_shift(x: torch.Tensor, tables: tuple[OffsetTable, ...]) -> torch.Tensor:
+    """Graph-mode shift (export, ONNX, compile, trace): zero pad by the largest offset, then one
+    gather whose index is computed from the (possibly symbolic) sizes, so one graph serves every
+    resolution with no shape guards."""
+    batch, height, width, channels = x.shape
+    pad_h = max(abs(dy) for t in tables for dy, _ in t)
+    pad_w = max(abs(dx) for t in tables for _, dx in t)
+    table = torch.tensor([pair for t in tables for pair in t], dtype=torch.long, device=x.device)
+    source = torch.arange(channels, device=x.device).repeat(len(tables))
+    rows = torch.arange(height, device=x.device).view(height, 1, 1) + (table[:, 0] + pad_h)
+    cols = torch.arange(width, device=x.device).view(1, width, 1) + (table[:, 1] + pad_w)
+    index = (rows * (width + 2 * pad_w) + cols) * channels + source  # (H, W, KC)
+    padded = F.pad(x, (0, 0, pad_w, pad_w, pad_h, pad_h))
+    padded = padded.reshape(batch, (height + 2 * pad_h) * (width + 2 * pad_w) * channels)
+    return padded[:, index]  # (B, H, W, KC) straight from the index's shape: no reshape guards
+
+
+def _gather_shift(x: torch.Tensor, tables: tuple[OffsetTable, ...]) -> torch.Tensor:
+    """Eager shift: gather with edge-clamped reads from the unpadded map (no padded copy), then
+    zero the thin border strips whose reads fell outside."""
+    batch, height, width, channels = x.shape
+    plan = _plan_for(height, width, tables, x.device)
+    out = torch.gather(x.reshape(batch, height * width * channels), 1, plan.index.expand(batch, -1))
+    out = out.view(batch, height, width, len(tables) * channels)
+    for dim, leading, invalid in plan.strips:
+        size = invalid.shape[dim - 1]
+        start = 0 if leading else out.shape[dim] - size
+        out.narrow(dim, start, size).masked_fill_(invalid, 0.0)
+    return out
+
+
+class _ShiftStack(torch.autograd.Function):
+    """Shift stack whose backward is again a shift (by the negated offsets), summed over the
+    stacked copies: a gather instead of the scatter-add that autograd would derive."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tables: tuple[OffsetTable, ...]) -> torch.Tensor:
+        ctx.tables = tables
+        return _gather_shift(x, tables)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        tables = ctx.tables
+        batch, height, width, stacked = grad.shape
+        adjoint = (tuple((-dy, -dx) for table in tables for dy, dx in table),)
+        grad_x = _ShiftStack.apply(grad.contiguous(), adjoint)
+        if len(tables) > 1:
+            grad_x = grad_x.view(batch, height, width, len(tables), stacked // len(tables)).sum(dim=3)
+        return grad_x, None
+
+
 def cycle_shift(x: torch.Tensor, offsets: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
     """Shift every channel of ``x`` (B, H, W, C) by its own offset, reading zeros outside.
 
     ``out[b, y, x, i] = x[b, y + dy_i, x + dx_i, i]`` for ``offsets[i] = (dy_i, dx_i)``.
     Implemented as a zero pad by the largest offset followed by one gather with a flat index.
     """
-    table = _as_table(offsets)
-    _check_input(x, len(table), "cycle_shift")
-    batch, height, width, channels = x.shape
-    pad_h = max(abs(dy) for dy, _ in table)
-    pad_w = max(abs(dx) for _, dx in table)
-    if pad_h == 0 and pad_w == 0:
-        return x
-    padded = F.pad(x, (0, 0, pad_w, pad_w, pad_h, pad_h)).reshape(batch, -1)
-    index = _index_for(height, width, table, (pad_h, pad_w), x.device)
-    return torch.gather(padded, 1, index.expand(batch, -1)).view(batch, height, width, channels)
+    return shift_stack(x, (offsets,))
 
 
-# The shift is a leaf for torch.fx symbolic tracing: its body looks at concrete shapes.
+# The shifts are leaves for torch.fx symbolic tracing: their bodies look at concrete shapes.
+torch.fx.wrap("shift_stack")
 torch.fx.wrap("cycle_shift")
 
 

@@ -125,6 +125,8 @@ def evaluate(
 def read_run_info(path: str | os.PathLike) -> dict[str, Any] | None:
     """The ``run`` record of a project checkpoint (``.pth`` or safetensors), or None."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as handle:
         head = handle.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: read only the header

@@ -26,6 +26,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
@@ -34,11 +35,15 @@ from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
-from .cycle_fc import CycleFC, Pattern, normalize_stepsize
+from .cycle_fc import CycleFC, Pattern, normalize_stepsize, shift_stack
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
 
 BRANCHES: tuple[str, ...] = ("width", "height", "channel")
+
+# Leaves for torch.fx symbolic tracing (their bodies look at concrete shapes).
+torch.fx.wrap("shift_stack")
+register_notrace_function(shift_stack)
 
 
 @dataclass(frozen=True)
@@ -85,12 +90,84 @@ def branch_stepsizes(stepsize: int | Sequence[int]) -> tuple[tuple[int, int], tu
     return (sh, sw), (sw, sh)
 
 
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether the block may run its Linear layers as fused oneDNN kernels.
+
+    Only for CPU float32 inference in eager mode: with gradients, under tracing, compiling,
+    scripting or any dispatch mode (FLOP counters, fake tensors), and on other devices, the
+    plain ``torch.nn.functional`` ops run instead.
+    """
+    if (
+        not _ONEDNN_LINEAR
+        or torch.is_grad_enabled()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return False
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def linear(
+    x: torch.Tensor,
+    layer: nn.Linear,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    onednn: bool = False,
+) -> torch.Tensor:
+    """``layer(x)``, then an exact GELU or ``+ residual`` if asked.
+
+    With ``onednn`` (see :func:`use_onednn`) the whole thing is one oneDNN kernel — the fused
+    linear kernels PyTorch's own CPU compiler emits — which skips the bias broadcast copy and the
+    separate elementwise pass of ``F.linear`` followed by the activation or the add.
+    """
+    if onednn:
+        weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+    out = F.linear(x, layer.weight, layer.bias)
+    if gelu:
+        out = F.gelu(out)
+    return out if residual is None else residual + out
+
+
+class ChannelMlp(nn.Module):
+    """Linear -> exact GELU -> Linear over the last dimension (timm's ``Mlp`` parameter names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        if onednn:
+            return linear(linear(x, self.fc1, gelu=True, onednn=True), self.fc2, residual=residual, onednn=True)
+        return linear(self.act(self.fc1(x)), self.fc2, residual=residual)
+
+
 class CycleMixer(nn.Module):
     """CycleMLP token mixer (called ``attn`` in the authors' code).
 
     ``h = CycleFC_(1,K)(x)``, ``w = CycleFC_(K,1)(x)``, ``c = Linear(x)``; per-channel weights
     ``a = softmax over branches of reweight(mean_HW(h + w + c))``; ``out = proj(a_h*h + a_w*w + a_c*c)``.
     ``branches`` selects a subset of the three branches (for ablations).
+
+    The forward computes exactly that, arranged for speed: one gather builds the shifted inputs of
+    all branches side by side, ``X = [shift_w(x), shift_h(x), x]`` (B, HW, 3C). Every branch is
+    linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and the
+    softmax-weighted sum of the branch outputs is one batched matrix product of ``X`` with
+    per-image weights ``a_k[o] * W_k[o, i]`` — no branch output is ever materialised.
     """
 
     def __init__(
@@ -113,21 +190,56 @@ class CycleMixer(nn.Module):
         self.channel_fc = nn.Linear(dim, dim, bias=False) if "channel" in branches else None
         self.reweight = Mlp(dim, dim // 4, dim * len(branches))
         self.proj = nn.Linear(dim, dim)
+        self.fold_max_dim = 128
+        no_shift = ((0, 0),) * dim
+        self.offset_tables = tuple(
+            fc.offset_table if isinstance(fc, CycleFC) else no_shift for fc in self._branch_layers()
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        outs = []
-        if self.width_fc is not None:
-            outs.append(self.width_fc(x))
-        if self.height_fc is not None:
-            outs.append(self.height_fc(x))
-        if self.channel_fc is not None:
-            outs.append(self.channel_fc(x))
+    def _branch_layers(self) -> list[nn.Module]:
+        return [fc for fc in (self.width_fc, self.height_fc, self.channel_fc) if fc is not None]
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        """Mix ``x`` (B, H, W, C); ``residual`` is added to the output (fused when ``onednn``)."""
+        batch, height, width, dim = x.shape
+        layers = self._branch_layers()
+        n = len(layers)
+        stacked = shift_stack(x, self.offset_tables).reshape(batch, height * width, n * dim)
+        weight = torch.cat([fc.weight for fc in layers], dim=1)  # (C, n*C)
+        bias = torch.stack(
+            [fc.bias if fc.bias is not None else torch.zeros_like(fc.weight[:, 0]) for fc in layers], dim=1
+        )  # (C, n)
+        # mean over positions of the summed branch outputs, without computing them
+        pooled = F.linear(stacked.mean(dim=1), weight, bias.sum(dim=1))
+        # reweight's output index is channel * n + branch
+        a = self.reweight(pooled).reshape(batch, dim, n).softmax(dim=-1)  # (B, C, n)
+        if self.dim <= self.fold_max_dim:
+            # small dims: fold the branch weights into per-image weights (B, C, n*C), one bmm
+            mixed_weight = (weight.view(1, dim, n, dim) * a.unsqueeze(-1)).view(batch, dim, n * dim)
+            mixed_bias = (a * bias).sum(dim=-1).unsqueeze(1)  # (B, 1, C)
+            out = torch.baddbmm(mixed_bias, stacked, mixed_weight.transpose(1, 2))
+        else:
+            # large dims: per-image weights would outweigh the activations; weight the outputs
+            rows = stacked.view(batch * height * width, n * dim)  # 2-D column slices: no copies
+            out = None
+            for k, fc in enumerate(layers):
+                y = linear(rows[:, k * dim:(k + 1) * dim], fc, onednn=onednn).view(batch, height * width, dim)
+                scale = a[:, None, :, k]
+                out = y * scale if out is None else out.addcmul_(y, scale)
+        return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
+
+    def forward_plain(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        """The same function written as the paper states it (branch outputs materialised, plain
+        ops whatever ``onednn`` says). Slower; the FLOP counter uses it because the authors'
+        convention counts each branch as its own layer."""
+        outs = [fc(x) for fc in self._branch_layers()]
         a = sum(outs).mean(dim=(1, 2))
-        # reweight's output index is channel * n_branches + branch
-        a = self.reweight(a).reshape(batch, 1, 1, self.dim, len(outs)).softmax(dim=-1)
-        x = sum(out * a[..., i] for i, out in enumerate(outs))
-        return self.proj(x)
+        a = self.reweight(a).reshape(x.shape[0], 1, 1, self.dim, len(outs)).softmax(dim=-1)
+        return linear(sum(out * a[..., k] for k, out in enumerate(outs)), self.proj, residual=residual)
 
 
 class CycleBlock(nn.Module):
@@ -146,13 +258,16 @@ class CycleBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.mixer = CycleMixer(dim, stepsize, pattern, branches)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and use_onednn(x):
+            # inference: the residual adds ride on the last Linear of each branch
+            x = self.mixer(self.norm1(x), residual=x, onednn=True)
+            return self.mlp(self.norm2(x), residual=x, onednn=True)
         x = x + self.drop_path(self.mixer(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ConvEmbed(nn.Module):
@@ -213,6 +328,8 @@ class CycleStage(nn.Module):
 
 
 def _check_image(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    if torch.jit.is_tracing():
+        return  # a traced graph keeps no Python checks
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f"CycleMLP expects images of shape (B, {in_chans}, H, W); got {tuple(x.shape)}"

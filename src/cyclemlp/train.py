@@ -121,6 +121,7 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     batch_size: int = 128  # per process
     workers: int = 2
+    samples_per_epoch: int | None = None  # None: one pass over the training split per epoch
     # augmentation
     no_aug: bool = False
     scale: tuple[float, float] = (0.08, 1.0)
@@ -163,6 +164,7 @@ class TrainConfig:
     # run
     seed: int = 42
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
     output: str | None = None  # run folder; default runs/<model>-<data>[-N]
     resume: str | None = None  # a last.pth, or a run folder
     tensorboard: bool = False
@@ -188,6 +190,10 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be positive; got {self.samples_per_epoch}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive; got {self.threads}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0; got {self.workers}")
         if self.img_size is not None and self.img_size < 8:
@@ -447,6 +453,8 @@ def train(
 
 def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, dist: engine.DistInfo) -> TrainResult:
     wall_start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     engine.seed_everything(config.seed + dist.rank)
     device = dist.device
 
@@ -481,7 +489,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     _set_transform(val_set, build_transform(data_config, False))
     pin = device.type == "cuda"
     train_loader = build_loader(train_set, config.batch_size, True, dist.rank, dist.world_size, config.seed,
-                                config.workers, config.aug_repeats, pin)
+                                config.workers, config.aug_repeats, pin, config.samples_per_epoch)
     val_loader = build_loader(val_set, config.batch_size, False, dist.rank, dist.world_size, config.seed,
                               config.workers, 0, pin)
     updates_per_epoch = len(train_loader) // config.grad_accum_steps
@@ -569,6 +577,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     metrics: dict[str, Any] = {}
     train_stats: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):
+        epoch_start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
         if not config.sched_on_updates:
             scheduler.step(epoch)
@@ -589,7 +598,8 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
             ema_result = evaluate(ema.module, val_loader, dist, autocast=autocast, desc=f"eval ema {epoch}",
                                   progress=config.progress, channels_last=config.channels_last)
             row.update(eval_ema_loss=ema_result.loss, eval_ema_top1=ema_result.top1, eval_ema_top5=ema_result.top5)
-        row["time_s"] = round(time.perf_counter() - wall_start, 1)
+        row["epoch_s"] = round(time.perf_counter() - epoch_start, 2)
+        row["time_s"] = round((log.rows[-1].get("time_s", 0.0) if log.rows else 0.0) + row["epoch_s"], 2)
         improved = ckpt.save(
             dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  scaler=scaler.state_dict() if scaler is not None else None,

@@ -15,7 +15,7 @@ from typing import Sequence
 from ..checkpoint import CheckpointError
 
 # Subcommand modules, in the order ``cyclemlp --help`` lists them.
-COMMANDS: tuple[str, ...] = ("train", "eval", "predict", "flops", "detect", "segment")
+COMMANDS: tuple[str, ...] = ("train", "eval", "predict", "flops", "export", "detect", "segment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,6 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std per channel")
     g.add_argument("-b", "--batch-size", type=int, metavar="N", help="images per process and step (default 128)")
     g.add_argument("-j", "--workers", type=int, metavar="N", help="data-loading processes per training process")
+    g.add_argument("--samples-per-epoch", type=int, metavar="N", help="images drawn per epoch (default: one pass "
+                   "over the training split)")
 
     g = parser.add_argument_group("augmentation")
     g.add_argument("--no-aug", action="store_true", help="no training augmentation (resize and centre crop only)")
@@ -113,6 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, help="random seed (default 42)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (default: torch's)")
     g.add_argument("--output", metavar="DIR", help="run folder (default runs/<model>-<data>[-N])")
     g.add_argument("--resume", metavar="PATH", help="continue the run of this last.pth or run folder")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, help="also log to DIR/tb")

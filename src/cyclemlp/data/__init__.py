@@ -31,6 +31,7 @@ from .folder import CorruptImageError, ImageFolder, find_classes, find_images
 __all__ = [
     "BUILTIN_DATASETS",
     "CorruptImageError",
+    "EpochSampler",
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
     "ImageFolder",
@@ -168,6 +169,29 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A fresh random draw of ``samples_per_epoch`` indices every epoch (seeded by ``seed`` and the
+    epoch), sharded over ``world`` processes: epochs shorter (or longer) than the dataset."""
+
+    def __init__(self, length: int, samples_per_epoch: int, rank: int = 0, world: int = 1, seed: int = 0) -> None:
+        if samples_per_epoch < world:
+            raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be at least the number of processes")
+        self.length, self.total, self.rank, self.world, self.seed = length, samples_per_epoch, rank, world, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        repeats = -(-self.total // self.length)
+        order = torch.cat([torch.randperm(self.length, generator=generator) for _ in range(repeats)])
+        return iter(order[: self.total - self.total % self.world][self.rank :: self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -178,18 +202,24 @@ def build_loader(
     workers: int = 2,
     aug_repeats: int = 0,
     pin_memory: bool = False,
+    samples_per_epoch: int | None = None,
 ) -> DataLoader:
     """A DataLoader for one process of a (possibly one-process) run.
 
     Training shuffles with a sampler seeded by ``seed`` and the epoch (call
     ``loader.sampler.set_epoch(epoch)``) and drops the last incomplete batch; ``aug_repeats > 1``
-    uses repeated augmentation. Evaluation shards the data without padding. Workers are started
+    uses repeated augmentation; ``samples_per_epoch`` draws that many images per epoch instead of
+    one pass over the data. Evaluation shards the data without padding. Workers are started
     afresh every epoch with seeds drawn from torch's generator, so a run resumed from a captured
     random state sees the same augmentations.
     """
     if training:
-        if aug_repeats > 1:
-            sampler: torch.utils.data.Sampler = RepeatAugSampler(
+        if samples_per_epoch is not None:
+            if aug_repeats > 1:
+                raise ValueError("samples_per_epoch cannot be combined with repeated augmentation")
+            sampler: torch.utils.data.Sampler = EpochSampler(len(dataset), samples_per_epoch, rank, world_size, seed)
+        elif aug_repeats > 1:
+            sampler = RepeatAugSampler(
                 dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=aug_repeats
             )
         else:
@@ -197,7 +227,7 @@ def build_loader(
                                          drop_last=True)
         if len(sampler) < batch_size:
             raise ValueError(
-                f"the training split has {len(dataset)} images, fewer than one batch per process "
+                f"an epoch has {len(sampler)} images per process, fewer than one batch "
                 f"({batch_size}); lower --batch-size"
             )
     else:
