@@ -85,6 +85,49 @@ def run_backbone(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def step_times(args: argparse.Namespace, num_classes: int) -> dict[str, dict[str, float]]:
+    """Median seconds of one training step (forward, backward, AdamW) and of one inference forward
+    for each backbone, on the same random batch at ``--min-size``; the backbones take turns in every
+    round so that load from other processes affects all of them alike."""
+    torch.manual_seed(args.seed)
+    size = args.min_size
+    images = [torch.rand(3, size, size) for _ in range(args.batch_size)]
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.55, 0.5, 0.9, 0.8]]) * size
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2])} for _ in images]
+    models = {name: retinanet(name, num_classes=num_classes, min_size=size, max_size=size) for name in args.backbones}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+    def train_step(name: str) -> float:
+        model, optimizer = models[name], optimizers[name]
+        model.train()
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def infer_step(name: str) -> float:
+        models[name].eval()
+        start = time.perf_counter()
+        models[name](images)
+        return time.perf_counter() - start
+
+    times = {name: {"train": [], "infer": []} for name in models}
+    for round_index in range(args.speed_warmup + args.speed_rounds):
+        order = list(models)[round_index % len(models):] + list(models)[:round_index % len(models)]
+        for name in order:
+            train_s, infer_s = train_step(name), infer_step(name)
+            if round_index >= args.speed_warmup:
+                times[name]["train"].append(train_s)
+                times[name]["infer"].append(infer_s)
+    return {
+        name: {kind: round(float(torch.tensor(values).median()), 4) for kind, values in kinds.items()}
+        for name, kinds in times.items()
+    }
+
+
 DATA_NOTES = {
     "trees": "the embedded tree crowns: 400x400 tiles of the two large deepforest images (real aerial RGB); "
              "val = the held-out bottom strip of those images, test = OSBS_029 + SOAP_061 (98 boxes)",
@@ -93,7 +136,7 @@ DATA_NOTES = {
 }
 
 
-def table(results: list[dict], args: argparse.Namespace) -> str:
+def table(results: list[dict], args: argparse.Namespace, speed: dict | None) -> str:
     base = next((r for r in results if r["backbone"] == args.backbones[0]), results[0])
     splits = [s for s in ("val", "test") if s in results[0]]
     header = (f"| backbone | params backbone / detector (M) | train time (s) | time vs {base['backbone']} "
@@ -114,7 +157,19 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         f"threads ({platform.machine()}) shared with other work, so times are indicative only. AP: COCO box "
         "AP (pycocotools) of the final weights."
     )
-    return "\n".join(lines) + "\n\n" + budget + "\n"
+    text = "\n".join(lines) + "\n\n" + budget + "\n"
+    if speed:
+        base_speed = speed[args.backbones[0]]
+        text += (
+            f"\nStep times (median of {args.speed_rounds} interleaved rounds after {args.speed_warmup} warm-up, "
+            f"batch {args.batch_size} at {args.min_size}x{args.min_size}, same process):\n\n"
+            f"| backbone | train step (s) | vs {args.backbones[0]} | inference (s) | vs {args.backbones[0]} |\n"
+            "|---|---|---|---|---|\n"
+        )
+        for name, t in speed.items():
+            text += (f"| {name} | {t['train']:.3f} | {t['train'] / base_speed['train']:.2f} | {t['infer']:.3f} | "
+                     f"{t['infer'] / base_speed['infer']:.2f} |\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--dataset", choices=sorted(DETECTION_DATASETS), default="trees")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
+    parser.add_argument("--speed-rounds", type=int, default=10,
+                        help="timed rounds of the step-time comparison (0: skip)")
+    parser.add_argument("--speed-warmup", type=int, default=2)
     args = parser.parse_args(argv)
     results = [run_backbone(name, args) for name in args.backbones]
-    text = table(results, args)
+    speed = None
+    speed_path = Path(args.output) / "speed.json"
+    if args.speed_rounds:
+        if speed_path.is_file():
+            speed = json.loads(speed_path.read_text())
+        else:
+            speed = step_times(args, len(_datasets(args)[2]) + 1)
+            atomic_write(speed_path, lambda tmp: Path(tmp).write_text(json.dumps(speed, indent=1)))
+    text = table(results, args, speed)
     out = Path(args.output)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"settings": vars(args), "results": results}, indent=1)))
+        {"settings": vars(args), "results": results, "step_times": speed}, indent=1)))
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
     return 0
