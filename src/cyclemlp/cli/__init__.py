@@ -16,7 +16,8 @@ from ..checkpoint import CheckpointError
 
 # Subcommand modules, in the order ``cyclemlp --help`` lists them.
 COMMANDS: tuple[str, ...] = (
-    "train", "eval", "predict", "flops", "export", "bench", "erf", "resolutions", "robustness", "ablate",
+    "train", "eval", "predict", "detect", "segment", "flops", "export", "bench",
+    "erf", "resolutions", "robustness", "ablate",
 )
 
 
