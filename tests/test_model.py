@@ -186,7 +186,8 @@ def test_fx_trace_whole_model():
 
 
 @pytest.mark.parametrize("fold_max_dim", [0, 10**6])
-def test_fast_mixer_gradients_match_plain(fold_max_dim):
+@pytest.mark.parametrize("size", [(5, 7), (9, 8)])  # backward per branch (35 positions) / per image (72)
+def test_fast_mixer_gradients_match_plain(fold_max_dim, size):
     from cyclemlp.model import CycleMixer
 
     mixer = CycleMixer(24, stepsize=3)
@@ -194,8 +195,8 @@ def test_fast_mixer_gradients_match_plain(fold_max_dim):
     with torch.no_grad():  # non-trivial biases everywhere
         for p in mixer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    x = torch.randn(3, 5, 7, 24, requires_grad=True)
-    g = torch.randn(3, 5, 7, 24)
+    x = torch.randn(3, *size, 24, requires_grad=True)
+    g = torch.randn(3, *size, 24)
     mixer(x).backward(g)
     fast = [x.grad.clone()] + [p.grad.clone() for p in mixer.parameters()]
     x.grad = None

@@ -105,6 +105,68 @@ def _mix(
     return out
 
 
+
+def _per_image_backward(positions: int, dim: int) -> bool:
+    """Whether :func:`_mix_backward_per_image` beats :func:`_mix_backward_per_branch`.
+
+    The per-image products do elementwise work over B x C x n*C whatever the number of positions
+    N; the per-branch products do about two more matrix products over all B x N rows. Measured
+    (benchmarks/mix_backward.py): per-image wins from about N >= 64 while N >= C / 2 (B1 at 224:
+    stages 1-3), per-branch below (B1's last stage at 224: 3.4x faster; 1x1 maps: over 20x).
+    """
+    return positions >= 64 and 2 * positions >= dim
+
+
+def _mix_backward_per_image(grad, stacked, a, weight, bias, needs):
+    """Gradients through one per-image product ``g^T @ stack``: no branch output is rebuilt."""
+    batch, positions, dim = grad.shape
+    n = bias.shape[1]
+    w = weight.view(1, dim, n, dim)
+    grad_stacked = grad_a = grad_weight = grad_bias = None
+    if needs[3] or needs[4]:
+        per_image = torch.bmm(grad.transpose(1, 2), stacked).view(batch, dim, n, dim)  # g^T S
+        grad_sum = grad.sum(dim=1)  # (B, C)
+        if needs[3]:
+            grad_a = (per_image * w).sum(dim=-1) + bias * grad_sum.unsqueeze(-1)
+        if needs[4]:
+            grad_weight = (per_image * a.unsqueeze(-1)).sum(dim=0).view(dim, n * dim)
+        if needs[5]:
+            grad_bias = (a * grad_sum.unsqueeze(-1)).sum(dim=0)
+    elif needs[5]:
+        grad_bias = (a * grad.sum(dim=1).unsqueeze(-1)).sum(dim=0)
+    if needs[0]:
+        mixed_weight = (w * a.unsqueeze(-1)).view(batch, dim, n * dim)
+        grad_stacked = torch.bmm(grad, mixed_weight)
+    return grad_stacked, grad_a, grad_weight, grad_bias
+
+
+def _mix_backward_per_branch(grad, stacked, a, weight, bias, needs):
+    """Gradients branch by branch with plain matrix products over all ``B*N`` rows; the
+    coefficient gradient needs each branch output, recomputed here."""
+    batch, positions, dim = grad.shape
+    n = bias.shape[1]
+    rows = stacked.view(batch * positions, n * dim)
+    grad_stacked = rows.new_empty(rows.shape) if needs[0] else None
+    grad_weight = weight.new_empty(weight.shape) if needs[4] else None
+    grad_a = a.new_empty(a.shape) if needs[3] else None
+    grad_bias = bias.new_empty(bias.shape) if needs[5] else None
+    for k in range(n):
+        cols = slice(k * dim, (k + 1) * dim)
+        grad_k = (grad * a[:, None, :, k]).view(batch * positions, dim)  # d out / d y_k
+        if needs[3]:
+            y_k = F.linear(rows[:, cols], weight[:, cols], bias[:, k]).view(batch, positions, dim)
+            grad_a[:, :, k] = (grad * y_k).sum(dim=1)
+        if needs[4]:
+            torch.mm(grad_k.t(), rows[:, cols], out=grad_weight[:, cols])
+        if needs[5]:
+            grad_bias[:, k] = grad_k.sum(dim=0)
+        if needs[0]:
+            torch.mm(grad_k, weight[:, cols], out=grad_stacked[:, cols])
+    if grad_stacked is not None:
+        grad_stacked = grad_stacked.view(batch, positions, n * dim)
+    return grad_stacked, grad_a, grad_weight, grad_bias
+
+
 class _MixBranches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stacked, x, tables, a, weight, bias, fold):  # type: ignore[override]
@@ -123,22 +185,14 @@ class _MixBranches(torch.autograd.Function):
         dtypes = (a.dtype, weight.dtype, bias.dtype)
         x, a, weight, bias = (t.to(grad.dtype) for t in (x, a, weight, bias))
         stacked = _gather_shift(x, ctx.tables).view(batch, positions, n * dim)  # recomputed
-        w = weight.view(1, dim, n, dim)
-        grad_stacked = grad_a = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            per_image = torch.bmm(grad.transpose(1, 2), stacked).view(batch, dim, n, dim)  # g^T S
-            grad_sum = grad.sum(dim=1)  # (B, C)
-            if ctx.needs_input_grad[3]:
-                grad_a = (per_image * w).sum(dim=-1) + bias * grad_sum.unsqueeze(-1)
-            if ctx.needs_input_grad[4]:
-                grad_weight = (per_image * a.unsqueeze(-1)).sum(dim=0).view(dim, n * dim)
-            if ctx.needs_input_grad[5]:
-                grad_bias = (a * grad_sum.unsqueeze(-1)).sum(dim=0)
-        elif ctx.needs_input_grad[5]:
-            grad_bias = (a * grad.sum(dim=1).unsqueeze(-1)).sum(dim=0)
-        if ctx.needs_input_grad[0]:
-            mixed_weight = (w * a.unsqueeze(-1)).view(batch, dim, n * dim)
-            grad_stacked = torch.bmm(grad, mixed_weight)
+        if _per_image_backward(positions, dim):
+            grad_stacked, grad_a, grad_weight, grad_bias = _mix_backward_per_image(
+                grad, stacked, a, weight, bias, ctx.needs_input_grad
+            )
+        else:
+            grad_stacked, grad_a, grad_weight, grad_bias = _mix_backward_per_branch(
+                grad, stacked, a, weight, bias, ctx.needs_input_grad
+            )
         grad_a, grad_weight, grad_bias = (
             g if g is None else g.to(dt) for g, dt in zip((grad_a, grad_weight, grad_bias), dtypes)
         )

@@ -1,0 +1,64 @@
+"""The two backward strategies of the token mixer's branch mix (``cyclemlp.functional``), timed
+at the same shapes in one run, to place the switch ``_PER_IMAGE_MIN_POSITIONS``.
+
+    python -m benchmarks.mix_backward [--threads 2] [--batch 32]
+
+Per-image products do elementwise work over B x C x n*C whatever the number of positions N;
+per-branch matrix products cost about 3 x B x N x C x n*C multiply-adds. Prints, per shape, both
+times, their ratio and the largest difference between the two gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cyclemlp.functional import _mix_backward_per_branch, _mix_backward_per_image
+
+# (positions, channels): B1's four stages at 224 (56², 28², 14², 7²) and at 32 (8² ... 1²), and
+# the widths of B2-B5's later stages
+SHAPES = [(3136, 64), (784, 128), (196, 320), (49, 512), (64, 48), (16, 96), (4, 192), (1, 384),
+          (256, 64), (144, 96), (100, 128), (81, 320), (36, 512)]
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n = 3
+    needs = (True, False, False, True, True, True)
+    print(f"batch {args.batch}, {args.threads} threads; times in ms (best of {args.repeats})")
+    print(f"{'N':>6} {'C':>5} {'per-image':>10} {'per-branch':>11} {'ratio':>7} {'max diff':>9}")
+    for positions, dim in SHAPES:
+        g = torch.Generator().manual_seed(0)
+        grad = torch.randn(args.batch, positions, dim, generator=g)
+        stacked = torch.randn(args.batch, positions, n * dim, generator=g)
+        a = torch.rand(args.batch, dim, n, generator=g).softmax(-1)
+        weight = torch.randn(dim, n * dim, generator=g) / dim**0.5
+        bias = torch.randn(dim, n, generator=g)
+        image = _mix_backward_per_image(grad, stacked, a, weight, bias, needs)
+        branch = _mix_backward_per_branch(grad, stacked, a, weight, bias, needs)
+        diff = max(((x - y).abs().max() / x.abs().max().clamp_min(1e-12)).item() for x, y in zip(image, branch))
+        t_image = _time(lambda: _mix_backward_per_image(grad, stacked, a, weight, bias, needs), args.repeats)
+        t_branch = _time(lambda: _mix_backward_per_branch(grad, stacked, a, weight, bias, needs), args.repeats)
+        print(f"{positions:>6} {dim:>5} {t_image * 1e3:>10.2f} {t_branch * 1e3:>11.2f} "
+              f"{t_image / t_branch:>7.2f} {diff:>9.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
