@@ -272,8 +272,8 @@ def check_targets(results: dict) -> list[dict]:
         other model's throughput: goal x other img/s x own FLOPs per image (x passes: forward +
         backward counted as 3 forwards) / peak. Above 1.0 the target is out of reach on this
         machine whatever the implementation."""
-        own, them = models.get(model), models.get(other)
-        if not own or not them or them.get(key) is None:
+        own, them = models.get(model, {}), models.get(other, {})
+        if own.get("gflops_per_img") is None or them.get(key) is None:
             return None
         return goal * them[key] * own["gflops_per_img"] * passes / results["matmul_peak_gflop_s"]
 

@@ -41,3 +41,15 @@ def test_missing_models_are_not_met():
     assert checks["cyclemlp_b2 inference / resnet50"]["value"] is None
     assert not checks["cyclemlp_b2 inference / resnet50"]["met"]
     assert "| - |" in markdown_table([dict(a=None)], ["a"])
+
+
+def test_peak_share_needed_by_a_throughput_target():
+    results = _results(20, 1.2)
+    for row in results["models"]:
+        if row["model"] == "cyclemlp_b1":
+            row["gflops_per_img"] = 4.0
+    checks = {c["target"]: c for c in check_targets(results)}
+    # 3 x deform's 10 img/s x 4 GFLOP / 100 GFLOP/s peak; training counts 3 passes: 4 x 2 x 4 x 3 / 100
+    assert checks["cyclemlp_b1 inference / deform B1"]["needs_peak_share"] == 1.2
+    assert abs(checks["cyclemlp_b1 training / deform B1"]["needs_peak_share"] - 0.96) < 1e-12
+    assert checks["cyclemlp_b2 inference / resnet50"]["needs_peak_share"] is None  # no FLOPs known
