@@ -1,5 +1,7 @@
 """Cycle FC: offsets, equivalence with the authors' deform_conv2d formulation, gradients, tracing."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,6 +9,15 @@ from hypothesis import strategies as st
 
 from benchmarks.deform_reference import DeformCycleFC, deform_offsets
 from cyclemlp import CycleFC, cycle_fc, cycle_offsets, cycle_shift
+
+_shift = importlib.import_module("cyclemlp.cycle_fc")
+
+
+@pytest.fixture(params=["sliced", "gather"])
+def kernel(request, monkeypatch):
+    """Run a test with each eager shift kernel (slice copies or gather), whatever the size."""
+    monkeypatch.setattr(_shift, "_SLICED_MAX_ELEMENTS", 1 << 62 if request.param == "sliced" else -1)
+    return request.param
 
 
 def _pair_from_deform(ref: DeformCycleFC, out_features: int, in_features: int) -> CycleFC:
@@ -71,7 +82,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("batch,h,w,cin,cout,stepsize,pattern", CASES)
-def test_matches_deform_conv(batch, h, w, cin, cout, stepsize, pattern):
+def test_matches_deform_conv(batch, h, w, cin, cout, stepsize, pattern, kernel):
     ref = _deform(cin, cout, stepsize, pattern)
     layer = _pair_from_deform(ref, cout, cin)
     x = torch.randn(batch, h, w, cin)
@@ -101,6 +112,34 @@ def test_matches_deform_conv_property(batch, h, w, cin, cout, k, axis, pattern, 
     torch.testing.assert_close(layer(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    channels=st.integers(1, 40),
+    step=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    pattern=st.sampled_from(["official", "paper"]),
+)
+def test_sliced_and_gathered_stacks_agree(batch, h, w, channels, step, pattern):
+    if pattern == "official":
+        step = (1, step[1]) if step[0] <= step[1] else (step[0], 1)
+    table = _shift._offsets(channels, step, pattern)
+    tables = (table, tuple((-dy, -dx) for dy, dx in table), tuple((0, 0) for _ in table))
+    periods = tuple(_shift._period(t) for t in tables)
+    x = torch.randn(batch, h, w, channels)
+    saved = _shift._SLICED_MAX_ELEMENTS
+    try:
+        _shift._SLICED_MAX_ELEMENTS = -1
+        gathered = _shift._gather_shift(x, tables)
+    finally:
+        _shift._SLICED_MAX_ELEMENTS = saved
+    if None in periods:  # no short channel period: the gather serves every size
+        assert max(step[0] * step[1], 1) > 16 or channels > 16
+        return
+    torch.testing.assert_close(_shift._sliced_shift(x, tables, periods), gathered, rtol=0, atol=0)
+
+
 def test_shift_reads_zero_outside():
     x = torch.ones(1, 4, 5, 3)
     out = cycle_shift(x, [(0, 0), (0, 1), (0, -1)])
@@ -120,7 +159,7 @@ def test_functional_matches_module():
     assert layer.offsets.shape == (12, 2)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(kernel):
     layer = CycleFC(5, 3, (3, 3), pattern="paper").double()
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
@@ -131,7 +170,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda y, w: cycle_fc(y, w, None, (1, 3)), (y, w))
 
 
-def test_gradients_match_deform_conv():
+def test_gradients_match_deform_conv(kernel):
     ref = _deform(10, 6, (1, 3), "official")
     layer = _pair_from_deform(ref, 6, 10)
     x1 = torch.randn(2, 5, 7, 10, requires_grad=True)

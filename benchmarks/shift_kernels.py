@@ -1,0 +1,65 @@
+"""The two eager Cycle FC shift kernels of ``cyclemlp.cycle_fc``, timed at the same shapes in one
+run, to place the switch ``_SLICED_MAX_ELEMENTS``.
+
+    python -m benchmarks.shift_kernels [--threads 2]
+
+``gather``: one gather through a cached index, then border strips zeroed. ``sliced``: one strided
+copy per channel slice sharing an offset. Shapes are the token mixer's stack (width, height and
+channel branches of stepsize 3) at B1's stages at 224 and at 32x32 input. Both results are
+compared for equality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import torch
+
+shift = importlib.import_module("cyclemlp.cycle_fc")
+
+# (batch, side, channels)
+SHAPES = [(8, 56, 64), (8, 28, 128), (8, 14, 320), (8, 7, 512), (32, 56, 64), (32, 7, 512),
+          (128, 8, 48), (128, 4, 96), (128, 2, 192), (1, 56, 64), (1, 14, 320), (1, 7, 512)]
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{args.threads} threads; ms, best of {args.repeats}")
+    print(f"{'shape (B,H,W,C)':>18} {'stack':>9} {'gather':>8} {'sliced':>8} {'ratio':>6}")
+    for batch, side, channels in SHAPES:
+        width = shift._offsets(channels, (1, 3), "official")
+        height = shift._offsets(channels, (3, 1), "official")
+        tables = (width, height, tuple((0, 0) for _ in range(channels)))
+        periods = tuple(shift._period(t) for t in tables)
+        x = torch.randn(batch, side, side, channels)
+        sliced = shift._sliced_shift(x, tables, periods)
+        saved, shift._SLICED_MAX_ELEMENTS = shift._SLICED_MAX_ELEMENTS, -1
+        try:
+            gathered = shift._gather_shift(x, tables)
+            assert torch.equal(sliced, gathered), "the two kernels disagree"
+            t_gather = _best(lambda: shift._gather_shift(x, tables), args.repeats)
+        finally:
+            shift._SLICED_MAX_ELEMENTS = saved
+        t_sliced = _best(lambda: shift._sliced_shift(x, tables, periods), args.repeats)
+        print(f"{str((batch, side, side, channels)):>18} {x.numel() * len(tables):>9} {t_gather * 1e3:>8.3f} "
+              f"{t_sliced * 1e3:>8.3f} {t_gather / t_sliced:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
