@@ -10,10 +10,11 @@ times, their ratio and the largest difference between the two gradients.
 
 from __future__ import annotations
 
-import argparse
-import time
 
 import torch
+
+from benchmarks.kernel_timing import best_time
+from benchmarks.kernel_timing import parser as kernel_parser
 
 from cyclemlp.functional import _mix_backward_per_branch, _mix_backward_per_image
 
@@ -23,21 +24,9 @@ SHAPES = [(3136, 64), (784, 128), (196, 320), (49, 512), (64, 48), (16, 96), (4,
           (256, 64), (144, 96), (100, 128), (81, 320), (36, 512)]
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser = kernel_parser(__doc__, repeats=5)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = 3
@@ -54,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         image = _mix_backward_per_image(grad, stacked, a, weight, bias, needs)
         branch = _mix_backward_per_branch(grad, stacked, a, weight, bias, needs)
         diff = max(((x - y).abs().max() / x.abs().max().clamp_min(1e-12)).item() for x, y in zip(image, branch))
-        t_image = _time(lambda: _mix_backward_per_image(grad, stacked, a, weight, bias, needs), args.repeats)
-        t_branch = _time(lambda: _mix_backward_per_branch(grad, stacked, a, weight, bias, needs), args.repeats)
+        t_image = best_time(lambda: _mix_backward_per_image(grad, stacked, a, weight, bias, needs), args.repeats)
+        t_branch = best_time(lambda: _mix_backward_per_branch(grad, stacked, a, weight, bias, needs), args.repeats)
         print(f"{positions:>6} {dim:>5} {t_image * 1e3:>10.2f} {t_branch * 1e3:>11.2f} "
               f"{t_image / t_branch:>7.2f} {diff:>9.1e}", flush=True)
 

@@ -11,11 +11,12 @@ compared for equality.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import time
 
 import torch
+
+from benchmarks.kernel_timing import best_time
+from benchmarks.kernel_timing import parser as kernel_parser
 
 shift = importlib.import_module("cyclemlp.cycle_fc")
 
@@ -24,20 +25,8 @@ SHAPES = [(8, 56, 64), (8, 28, 128), (8, 14, 320), (8, 7, 512), (32, 56, 64), (3
           (128, 8, 48), (128, 4, 96), (128, 2, 192), (1, 56, 64), (1, 14, 320), (1, 7, 512)]
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = kernel_parser(__doc__, repeats=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads; ms, best of {args.repeats}")
@@ -53,10 +42,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             gathered = shift._gather_shift(x, tables)
             assert torch.equal(sliced, gathered), "the two kernels disagree"
-            t_gather = _best(lambda: shift._gather_shift(x, tables), args.repeats)
+            t_gather = best_time(lambda: shift._gather_shift(x, tables), args.repeats)
         finally:
             shift._SLICED_MAX_ELEMENTS = saved
-        t_sliced = _best(lambda: shift._sliced_shift(x, tables, periods), args.repeats)
+        t_sliced = best_time(lambda: shift._sliced_shift(x, tables, periods), args.repeats)
         print(f"{str((batch, side, side, channels)):>18} {x.numel() * len(tables):>9} {t_gather * 1e3:>8.3f} "
               f"{t_sliced * 1e3:>8.3f} {t_gather / t_sliced:>6.2f}", flush=True)
 
