@@ -231,10 +231,16 @@ def _sliced_shift(x: torch.Tensor, tables: tuple[OffsetTable, ...], periods: tup
                 continue
             y0, x0 = max(-dy, 0), max(-dx, 0)  # first output row / column that reads inside
             dst[:, y0:y0 + rows, x0:x0 + cols].copy_(src[:, y0 + dy:y0 + dy + rows, x0 + dx:x0 + dx + cols])
-            if dy:
-                dst[:, :y0].zero_() if dy < 0 else dst[:, rows:].zero_()
-            if dx:
-                dst[:, y0:y0 + rows, :x0].zero_() if dx < 0 else dst[:, y0:y0 + rows, cols:].zero_()
+            # zero what reads outside: the rows above/below the window, then (within its rows)
+            # the columns left/right of it
+            if dy < 0:
+                dst[:, :y0].zero_()
+            elif dy > 0:
+                dst[:, rows:].zero_()
+            if dx < 0:
+                dst[:, y0:y0 + rows, :x0].zero_()
+            elif dx > 0:
+                dst[:, y0:y0 + rows, cols:].zero_()
     return out
 
 
