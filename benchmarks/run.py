@@ -434,9 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_from:
         try:
             results = json.loads(Path(args.report_from).read_text())
+            results["targets"] = check_targets(results)
         except (OSError, ValueError) as err:
             raise SystemExit(f"bench: cannot read {args.report_from}: {err}") from err
-        results["targets"] = check_targets(results)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise SystemExit(f"bench: {args.report_from} is not a results.json of this benchmark "
+                             f"(missing or malformed {err})") from err
         write_files(results, output)
         print(write_report(results, output))
         return 0
