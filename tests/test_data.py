@@ -8,15 +8,20 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.data import ImageNetInfo
 
 from cyclemlp.data import (
+    CachedLoader,
     CorruptImageError,
     FashionMNIST,
     ImageFolder,
     build_dataset,
     build_loader,
+    build_sampler,
     build_transform,
+    cache_images,
+    cacheable,
     collate_skip,
     fashion_mnist,
     find_fashion_mnist,
@@ -157,3 +162,60 @@ def test_training_loader_is_seeded_and_sharded():
     assert sorted(halves) == sorted(order(1))
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_loader(ds, 128, True)
+
+
+FLIP_ONLY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, color_jitter=0.0, auto_augment=None, re_prob=0.0)
+FMNIST_32 = dict(input_size=(1, 32, 32), interpolation="bilinear", crop_pct=1.0, mean=(0.286,), std=(0.353,))
+
+
+def test_cached_images_are_timms_transform_pixel_for_pixel():
+    ds = build_dataset("fashion-mnist", split="test", in_chans=1, subset=64)
+    train_x, train_y = cache_images(ds, build_transform(FMNIST_32, True, **{**FLIP_ONLY, "hflip": 0.0}))
+    eval_x, _ = cache_images(ds, build_transform(FMNIST_32, False))
+    never = build_transform(FMNIST_32, True, **{**FLIP_ONLY, "hflip": 0.0})
+    always = build_transform(FMNIST_32, True, **{**FLIP_ONLY, "hflip": 1.0})
+    base = ds.dataset
+    for k, i in enumerate(ds.indices[:16]):
+        image = Image.fromarray(base.images[i])
+        assert torch.equal(train_x[k], never(image)) and torch.equal(train_x[k].flip(-1), always(image))
+        assert torch.equal(eval_x[k], build_transform(FMNIST_32, False)(image))
+    assert train_y.tolist() == [int(base.targets[i]) for i in ds.indices]
+    assert train_x.shape == (64, 1, 32, 32) and ds.dataset.transform is None  # the dataset is left as it was
+
+
+def test_cached_loader_flips_each_image_with_the_transforms_probability():
+    ds = build_dataset("fashion-mnist", split="test", in_chans=1, subset=512)
+    images, targets = cache_images(ds, build_transform(FMNIST_32, False))
+    sampler = build_sampler(ds, 64, True, seed=5)
+    loader = CachedLoader(ds, images, targets, sampler, 64, True, hflip=0.5)
+    assert len(loader) == 8
+    torch.manual_seed(0)
+    order = list(iter(sampler))
+    flipped = kept = 0
+    for b, (x, y, skipped) in enumerate(loader):
+        index = order[b * 64:(b + 1) * 64]
+        assert skipped == 0 and torch.equal(y, targets[index])
+        same = (x == images[index]).flatten(1).all(1)
+        mirrored = (x == images[index].flip(-1)).flatten(1).all(1)
+        assert bool((same | mirrored).all())
+        flipped += int((mirrored & ~same).sum())
+        kept += int((same & ~mirrored).sum())
+    assert 150 < flipped < 350 and 150 < kept < 350  # about half of 512
+    assert torch.equal(images, cache_images(ds, build_transform(FMNIST_32, False))[0])  # the cache is untouched
+    torch.manual_seed(0)
+    again = torch.cat([x for x, _, _ in loader])
+    torch.manual_seed(0)
+    assert torch.equal(again, torch.cat([x for x, _, _ in loader]))  # flips follow torch's generator
+    eval_loader = CachedLoader(ds, images, targets, build_sampler(ds, 100, False), 100, False)
+    assert len(eval_loader) == 6 and torch.equal(torch.cat([x for x, _, _ in eval_loader]), images)
+
+
+def test_caching_is_refused_with_the_reason(tmp_path):
+    fmnist = build_dataset("fashion-mnist", split="test", in_chans=1, subset=8)
+    assert cacheable(fmnist, FLIP_ONLY) is None and cacheable(fmnist, dict(no_aug=True)) is None
+    assert "more than a horizontal flip" in cacheable(fmnist, {**FLIP_ONLY, "scale": (0.08, 1.0)})
+    assert "more than a horizontal flip" in cacheable(fmnist, {**FLIP_ONLY, "re_prob": 0.25})
+    folder = build_dataset(data=imagenet_folder(tmp_path), split="train")
+    assert "not an in-memory dataset" in cacheable(folder, FLIP_ONLY)
+    with pytest.raises(ValueError, match="differ in length"):
+        CachedLoader(fmnist, torch.zeros(7, 1, 4, 4), torch.zeros(7), build_sampler(fmnist, 4, False), 4, False)

@@ -66,8 +66,9 @@ def _weights(path):
     return load_file(str(path))
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
-    args = TINY_ARGS + ["--epochs", "2", "-j", "1", "--seed", "3"]
+@pytest.mark.parametrize("data", ["--cache-data", "--no-cache-data"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data):
+    args = TINY_ARGS + ["--epochs", "2", "-j", "1", "--seed", "3", data]
     full = run_cli("train", *args, "--output", str(tmp_path / "full"), check=True)
     assert "epoch 2/2" in full.stdout
 
@@ -224,7 +225,36 @@ def test_imagenet_recipe_is_the_authors():
     (dict(dataset=None), "no dataset given"),
     (dict(model="no_such_model"), "unknown model"),
     (dict(model_kwargs=dict(wings=2)), "does not accept"),
+    (dict(opt="sgd", opt_fused=True), "fused step"),
+    (dict(cache_data=True, scale=(0.5, 1.0)), "cannot cache the data in memory: the training augmentation"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
         train(tiny_config(tmp_path / "x", **bad))
+
+
+def test_fused_optimizer_step_matches_the_per_tensor_loop(tmp_path):
+    small = dict(epochs=1, train_subset=96, val_subset=32, **DETERMINISTIC)
+    fused = train(tiny_config(tmp_path / "fused", opt_fused=True, **small))
+    loop = train(tiny_config(tmp_path / "loop", opt_fused=False, **small))
+    groups = [engine.load_training_state(r.last_checkpoint)["optimizer"]["param_groups"] for r in (fused, loop)]
+    assert all(g["fused"] for g in groups[0]) and not any(g["fused"] for g in groups[1])
+    a, b = _weights(fused.weights), _weights(loop.weights)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_caching_an_image_folder_is_refused(tmp_path):
+    config = tiny_config(tmp_path / "x", dataset=None, data=str(imagenet_folder(tmp_path / "data")), cache_data=True,
+                         train_subset=None, val_subset=None, batch_size=4)
+    with pytest.raises(ValueError, match="not an in-memory dataset"):
+        train(config)
+
+
+def test_cached_and_per_image_data_train_alike(tmp_path):
+    """Without flips both pipelines feed the same pixels in the same order: the same run."""
+    small = dict(epochs=1, train_subset=96, val_subset=32, **DETERMINISTIC)
+    cached = train(tiny_config(tmp_path / "cached", cache_data=True, **small))
+    per_image = train(tiny_config(tmp_path / "per_image", cache_data=False, **small))
+    a, b = _weights(cached.weights), _weights(per_image.weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cached.history[0]["eval_top1"] == per_image.history[0]["eval_top1"]

@@ -166,7 +166,9 @@ class CycleMixer(nn.Module):
         # mean over positions of the summed branch outputs, without computing them
         pooled = F.linear(stacked.mean(dim=1), weight, bias.sum(dim=1))
         # reweight's output index is channel * n + branch
-        a = self.reweight(pooled).reshape(batch, dim, n).softmax(dim=-1)  # (B, C, n)
+        # softmax over the n branches, taken across the (B, n, C) view: torch's softmax over a
+        # last dimension of size 3 is an order of magnitude slower than over a middle one
+        a = self.reweight(pooled).reshape(batch, dim, n).transpose(1, 2).softmax(dim=1).transpose(1, 2)  # (B, C, n)
         # small dims: one bmm with per-image folded weights; large dims (where per-image weights
         # would outweigh the activations): n products and a weighted sum
         fold = self.dim <= self.fold_max_dim

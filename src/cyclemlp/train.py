@@ -45,7 +45,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
 from .checkpoint import CheckpointError, save_weights
-from .data import build_dataset, build_loader, build_transform, builtin_name, default_splits, native_in_chans
+from .data import (
+    CachedLoader, build_dataset, build_loader, build_sampler, build_transform, builtin_name, cache_images,
+    cacheable, default_splits, native_in_chans,
+)
 from .evaluate import evaluate, load_weights
 
 __all__ = ["RECIPES", "TrainConfig", "TrainResult", "build_model", "recipe", "train", "train_one_epoch"]
@@ -79,6 +82,9 @@ FASHION_MNIST = dict(
     reprob=0.0, remode="pixel", recount=1,
     mixup=0.0, cutmix=0.0, smoothing=0.1, aug_repeats=0, drop_path=0.0, amp=False, model_ema=False,
 )
+
+# timm optimizer names whose torch class has a fused step (``fused=True``)
+FUSED_OPTIMIZERS = frozenset({"adam", "adamw"})
 
 RECIPES: dict[str, dict[str, Any]] = {"imagenet": IMAGENET, "fashion-mnist": FASHION_MNIST}
 
@@ -122,6 +128,9 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     batch_size: int = 128  # per process
     workers: int = 2
+    # serve batches from images transformed once (None: when possible — an in-memory built-in
+    # dataset whose augmentation is flips only; see cyclemlp.data.cached)
+    cache_data: bool | None = None
     samples_per_epoch: int | None = None  # None: one pass over the training split per epoch
     # augmentation
     no_aug: bool = False
@@ -149,6 +158,8 @@ class TrainConfig:
     momentum: float = 0.9
     opt_eps: float | None = None
     opt_betas: tuple[float, float] | None = None
+    # torch's fused (one-kernel) Adam/AdamW step; None: on for adam/adamw on CPU and CUDA
+    opt_fused: bool | None = None
     clip_grad: float | None = None
     sched: str = "cosine"
     epochs: int = 300
@@ -486,13 +497,30 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     aug = dict(scale=tuple(config.scale), ratio=tuple(config.ratio), hflip=config.hflip,
                color_jitter=config.color_jitter, auto_augment=config.aa, re_prob=config.reprob,
                re_mode=config.remode, re_count=config.recount, no_aug=config.no_aug)
-    _set_transform(train_set, build_transform(data_config, True, **aug))
-    _set_transform(val_set, build_transform(data_config, False))
-    pin = device.type == "cuda"
-    train_loader = build_loader(train_set, config.batch_size, True, dist.rank, dist.world_size, config.seed,
-                                config.workers, config.aug_repeats, pin, config.samples_per_epoch)
-    val_loader = build_loader(val_set, config.batch_size, False, dist.rank, dist.world_size, config.seed,
-                              config.workers, 0, pin)
+    not_cacheable = cacheable(train_set, aug)
+    if config.cache_data and not_cacheable:
+        raise ValueError(f"cannot cache the data in memory: {not_cacheable}")
+    cache = not not_cacheable if config.cache_data is None else config.cache_data
+    train_loader: Any
+    val_loader: Any
+    if cache:  # timm's transform once per image (its flip drawn per batch), then batches by indexing
+        train_x, train_y = cache_images(train_set, build_transform(data_config, True, **{**aug, "hflip": 0.0}),
+                                        config.workers)
+        val_x, val_y = cache_images(val_set, build_transform(data_config, False), config.workers)
+        train_sampler = build_sampler(train_set, config.batch_size, True, dist.rank, dist.world_size, config.seed,
+                                      config.aug_repeats, config.samples_per_epoch)
+        train_loader = CachedLoader(train_set, train_x, train_y, train_sampler, config.batch_size, True,
+                                    hflip=0.0 if config.no_aug else config.hflip)
+        val_loader = CachedLoader(val_set, val_x, val_y, build_sampler(val_set, config.batch_size, False, dist.rank,
+                                                                       dist.world_size), config.batch_size, False)
+    else:
+        _set_transform(train_set, build_transform(data_config, True, **aug))
+        _set_transform(val_set, build_transform(data_config, False))
+        pin = device.type == "cuda"
+        train_loader = build_loader(train_set, config.batch_size, True, dist.rank, dist.world_size, config.seed,
+                                    config.workers, config.aug_repeats, pin, config.samples_per_epoch)
+        val_loader = build_loader(val_set, config.batch_size, False, dist.rank, dist.world_size, config.seed,
+                                  config.workers, 0, pin)
     updates_per_epoch = len(train_loader) // config.grad_accum_steps
     if updates_per_epoch < 1:
         raise ValueError(
@@ -507,6 +535,11 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
         opt_kwargs["eps"] = config.opt_eps
     if config.opt_betas is not None:
         opt_kwargs["betas"] = tuple(config.opt_betas)
+    fused_opt = config.opt.lower() in FUSED_OPTIMIZERS
+    if config.opt_fused and not fused_opt:
+        raise ValueError(f"--opt-fused: torch has a fused step for {sorted(FUSED_OPTIMIZERS)}, not {config.opt!r}")
+    if config.opt_fused or (config.opt_fused is None and fused_opt and device.type in ("cpu", "cuda")):
+        opt_kwargs["fused"] = True  # the same update as the per-tensor loop, in one kernel per step
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
                                     momentum=config.momentum, **opt_kwargs)
     scheduler, _ = create_scheduler_v2(
@@ -572,7 +605,8 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
         f"training {run_info['model']} ({params / 1e6:.2f}M params) on {run_info['dataset']}: "
         f"{len(train_set)} train / {len(val_set)} eval images, {len(classes)} classes, input "
         f"{data_config['input_size']}, global batch {global_batch}, lr {lr:.3g}, {config.epochs} epochs, "
-        f"{dist.world_size} process(es) on {device}; writing to {out_dir}",
+        f"{dist.world_size} process(es) on {device}{', images cached in memory' if cache else ''}; writing to "
+        f"{out_dir}",
         dist=dist,
     )
     metrics: dict[str, Any] = {}

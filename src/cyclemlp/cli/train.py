@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std per channel")
     g.add_argument("-b", "--batch-size", type=int, metavar="N", help="images per process and step (default 128)")
     g.add_argument("-j", "--workers", type=int, metavar="N", help="data-loading processes per training process")
+    g.add_argument("--cache-data", action=argparse.BooleanOptionalAction,
+                   help="transform every image once and keep it in memory (default: when the data is a built-in "
+                   "in-memory dataset and the augmentation is flips only)")
     g.add_argument("--samples-per-epoch", type=int, metavar="N", help="images drawn per epoch (default: one pass "
                    "over the training split)")
 
@@ -95,6 +98,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr-base-size", type=int, metavar="N", help="global batch of --lr-base")
     g.add_argument("--weight-decay", type=float, metavar="WD", help="weight decay (not on 1-D parameters)")
     g.add_argument("--momentum", type=float, metavar="M", help="SGD momentum")
+    g.add_argument("--opt-fused", action=argparse.BooleanOptionalAction,
+                   help="torch's fused Adam/AdamW step (default: on for adam/adamw on CPU and CUDA)")
     g.add_argument("--opt-eps", type=float, metavar="EPS", help="optimizer epsilon")
     g.add_argument("--opt-betas", **_floats(2), help="optimizer betas")
     g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")

@@ -8,7 +8,8 @@ Transforms are timm's (:func:`timm.data.create_transform`: random-resized crop, 
 random erasing, ...); samplers are torch's ``DistributedSampler`` (seeded, also used with one
 process so a run's batches depend only on the seed and epoch) or timm's ``RepeatAugSampler``.
 Batches are ``(images, targets, n_skipped)``: unreadable images are dropped by :func:`collate_skip`
-and counted.
+and counted. Small in-memory datasets trained with flips only can be served from images
+transformed once (:mod:`.cached`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from timm.data.loader import _worker_init
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.data import default_collate
 
+from .cached import CachedLoader, cache_images, cacheable, flip_only
 from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, find_fashion_mnist, read_idx
 from .folder import CorruptImageError, ImageFolder, find_classes, find_images
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "CachedLoader",
     "CorruptImageError",
     "EpochSampler",
     "FASHION_MNIST_CLASSES",
@@ -37,11 +40,15 @@ __all__ = [
     "ImageFolder",
     "build_dataset",
     "build_loader",
+    "build_sampler",
     "build_transform",
+    "cache_images",
+    "cacheable",
     "collate_skip",
     "find_classes",
     "find_fashion_mnist",
     "find_images",
+    "flip_only",
     "read_idx",
 ]
 
@@ -192,6 +199,39 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.total // self.world
 
 
+def build_sampler(
+    dataset: Dataset,
+    batch_size: int,
+    training: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    aug_repeats: int = 0,
+    samples_per_epoch: int | None = None,
+) -> torch.utils.data.Sampler[int]:
+    """The index order of one process (see :func:`build_loader`)."""
+    if training:
+        if samples_per_epoch is not None:
+            if aug_repeats > 1:
+                raise ValueError("samples_per_epoch cannot be combined with repeated augmentation")
+            sampler: torch.utils.data.Sampler = EpochSampler(len(dataset), samples_per_epoch, rank, world_size, seed)
+        elif aug_repeats > 1:
+            sampler = RepeatAugSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=aug_repeats
+            )
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=True)
+        if len(sampler) < batch_size:
+            raise ValueError(
+                f"an epoch has {len(sampler)} images per process, fewer than one batch "
+                f"({batch_size}); lower --batch-size"
+            )
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    return sampler
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -213,25 +253,7 @@ def build_loader(
     afresh every epoch with seeds drawn from torch's generator, so a run resumed from a captured
     random state sees the same augmentations.
     """
-    if training:
-        if samples_per_epoch is not None:
-            if aug_repeats > 1:
-                raise ValueError("samples_per_epoch cannot be combined with repeated augmentation")
-            sampler: torch.utils.data.Sampler = EpochSampler(len(dataset), samples_per_epoch, rank, world_size, seed)
-        elif aug_repeats > 1:
-            sampler = RepeatAugSampler(
-                dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=aug_repeats
-            )
-        else:
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                         drop_last=True)
-        if len(sampler) < batch_size:
-            raise ValueError(
-                f"an epoch has {len(sampler)} images per process, fewer than one batch "
-                f"({batch_size}); lower --batch-size"
-            )
-    else:
-        sampler = ShardSampler(len(dataset), rank, world_size)
+    sampler = build_sampler(dataset, batch_size, training, rank, world_size, seed, aug_repeats, samples_per_epoch)
     return DataLoader(
         dataset,
         batch_size=batch_size,
