@@ -3,6 +3,7 @@ wall-clock budget.
 
     python -m benchmarks.fashion_mnist.run --budget-min 60            # the issue's budget
     python -m benchmarks.fashion_mnist.run --budget-min 10 --models cyclemlp resnet18
+    python -m benchmarks.fashion_mnist.run --budget-min 30 --jobs 2      # two models at a time
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —
@@ -33,6 +34,8 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +96,7 @@ def measure_throughput(entry: Entry, img_size: int, batch_size: int, threads: in
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(entry.model, num_classes=10, in_chans=1, **entry.kwargs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the training runs' step
     images, targets = torch.randn(batch_size, 1, img_size, img_size), torch.randint(0, 10, (batch_size,))
     model.train()
     for i in range(steps + 2):
@@ -209,7 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="contestants trained at the same time, each in its own process (default 1); the "
+                        "plans (throughput) are measured first, one model at a time")
+    parser.add_argument("--only", metavar="NAME", help=argparse.SUPPRESS)  # internal: one contestant of --jobs
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    if args.only is not None:
+        args.models = [args.only]
     out = Path(args.output)
     conditions_path = out / "conditions.json"
     conditions = json.loads(conditions_path.read_text()) if conditions_path.exists() else dict(
@@ -225,12 +236,70 @@ def main(argv: list[str] | None = None) -> int:
     contestants = entries(args.models, args.cyclemlp_kwargs)
     for entry in contestants:  # all speed measurements first, under the same conditions
         plan_entry(entry, args)
-    for entry in contestants:
-        rows[entry.name] = run_entry(entry, args)
-        conditions["load_end"] = round(os.getloadavg()[0], 1)
-        write_tables(list(rows.values()), conditions, out)
+    if args.only is not None:  # one contestant, in a process started by --jobs
+        row = run_entry(contestants[0], args)
+        atomic_write(out / contestants[0].name / "row.json", lambda tmp: Path(tmp).write_text(json.dumps(row)))
+        return 0
+    if args.jobs == 1:
+        for entry in contestants:
+            rows[entry.name] = run_entry(entry, args)
+            conditions["load_end"] = round(os.getloadavg()[0], 1)
+            write_tables(list(rows.values()), conditions, out)
+    else:
+        for entry, row in run_parallel(contestants, args, argv if argv is not None else sys.argv[1:]):
+            rows[entry.name] = row
+            conditions["load_end"] = round(os.getloadavg()[0], 1)
+            write_tables(list(rows.values()), conditions, out)
     print((out / "results.md").read_text())
     return 0
+
+
+def run_parallel(contestants: list[Entry], args: argparse.Namespace, argv: list[str]):
+    """Train ``args.jobs`` contestants at a time, each in its own process (``--only NAME``), and
+    yield ``(entry, row)`` as they finish. Budgets are CPU time turned into image counts before any
+    training, so running side by side changes the wall time, not what a model learns."""
+    pending, running = list(contestants), {}
+    failed = []
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                entry = pending.pop(0)
+                cmd = [sys.executable, "-m", "benchmarks.fashion_mnist.run", *strip_jobs(argv), "--only", entry.name,
+                       "--no-progress"]
+                log = open(Path(args.output) / entry.name / "log.txt", "a")
+                running[entry.name] = (entry, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"[{entry.name}] training in process {running[entry.name][1].pid} "
+                      f"(log {Path(args.output) / entry.name / 'log.txt'})", flush=True)
+            time.sleep(1.0)
+            for name, (entry, proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    failed.append(f"{name} (exit status {proc.returncode}, see {Path(args.output) / name / 'log.txt'})")
+                    continue
+                yield entry, json.loads((Path(args.output) / name / "row.json").read_text())
+    finally:  # interrupted: stop the children (each resumes from its last checkpoint next time)
+        for _, proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    if failed:
+        raise SystemExit("benchmark runs failed: " + "; ".join(failed))
+
+
+def strip_jobs(argv: list[str]) -> list[str]:
+    """``argv`` without ``--jobs N`` / ``--jobs=N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--jobs":
+            skip = True
+        elif not arg.startswith("--jobs="):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

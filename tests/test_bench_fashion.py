@@ -1,0 +1,46 @@
+"""The Fashion-MNIST benchmark runner: plans, parallel jobs, tables and resuming (tiny budgets)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.fashion_mnist.run import strip_jobs
+from train_utils import ROOT, cli_env
+
+
+def test_strip_jobs_removes_both_spellings():
+    assert strip_jobs(["--budget-min", "5", "--jobs", "2", "--models", "a"]) == ["--budget-min", "5", "--models", "a"]
+    assert strip_jobs(["--jobs=3", "--seed", "1"]) == ["--seed", "1"]
+
+
+def _bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.fashion_mnist.run", *args], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_jobs_is_a_clear_error(tmp_path):
+    done = _bench("--jobs", "0", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--jobs must be at least 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_table_and_a_rerun_trains_nothing(tmp_path):
+    args = ["--budget-min", "0.03", "--models", "cyclemlp", "resnet18", "--output", str(tmp_path), "--no-progress"]
+    first = _bench(*args, "--jobs", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(r["model"] for r in rows) == ["cyclemlp", "resnet18"]
+    for row in rows:
+        plan = json.loads((tmp_path / row["model"] / "plan.json").read_text())
+        assert row["epochs"] == plan["epochs"] and 0 < row["top1"] <= 100
+        assert (tmp_path / row["model"] / "model.safetensors").exists()
+    table = (tmp_path / "results.md").read_text()
+    assert "| cyclemlp |" in table and "| resnet18 |" in table
+    weights = (tmp_path / "cyclemlp" / "model.safetensors").stat().st_mtime_ns
+    again = _bench(*args)  # sequential, everything already trained: nothing is retrained
+    assert again.returncode == 0 and (tmp_path / "cyclemlp" / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == rows
