@@ -215,6 +215,9 @@ def test_caching_is_refused_with_the_reason(tmp_path):
     assert cacheable(fmnist, FLIP_ONLY) is None and cacheable(fmnist, dict(no_aug=True)) is None
     assert "more than a horizontal flip" in cacheable(fmnist, {**FLIP_ONLY, "scale": (0.08, 1.0)})
     assert "more than a horizontal flip" in cacheable(fmnist, {**FLIP_ONLY, "re_prob": 0.25})
+    assert cacheable(fmnist, FLIP_ONLY, (1, 32, 32)) is None
+    too_big = cacheable(fmnist, FLIP_ONLY, (3, 224, 224), max_bytes=8 * 3 * 224 * 224 * 4 - 1)
+    assert "8 images of (3, 224, 224) would take" in too_big
     folder = build_dataset(data=imagenet_folder(tmp_path), split="train")
     assert "not an in-memory dataset" in cacheable(folder, FLIP_ONLY)
     with pytest.raises(ValueError, match="differ in length"):

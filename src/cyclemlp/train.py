@@ -497,7 +497,8 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     aug = dict(scale=tuple(config.scale), ratio=tuple(config.ratio), hflip=config.hflip,
                color_jitter=config.color_jitter, auto_augment=config.aa, re_prob=config.reprob,
                re_mode=config.remode, re_count=config.recount, no_aug=config.no_aug)
-    not_cacheable = cacheable(train_set, aug)
+    size = data_config["input_size"]
+    not_cacheable = cacheable(train_set, aug, size) or cacheable(val_set, dict(no_aug=True), size)
     if config.cache_data and not_cacheable:
         raise ValueError(f"cannot cache the data in memory: {not_cacheable}")
     cache = not not_cacheable if config.cache_data is None else config.cache_data

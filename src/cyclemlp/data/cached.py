@@ -15,12 +15,12 @@ same images.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CachedLoader", "cache_images", "cacheable", "flip_only"]
+__all__ = ["CACHE_MAX_BYTES", "CachedLoader", "cache_images", "cacheable", "flip_only"]
 
 
 def flip_only(aug: Mapping[str, Any]) -> bool:
@@ -38,12 +38,28 @@ def flip_only(aug: Mapping[str, Any]) -> bool:
     )
 
 
-def cacheable(dataset: Dataset, aug: Mapping[str, Any]) -> str | None:
-    """None when ``dataset`` can be served by :class:`CachedLoader` under ``aug``; otherwise the
-    reason it cannot (for an error message)."""
+# Largest cache (float32 images) built without being asked: Fashion-MNIST at 32x32 grey is 0.25 GB;
+# at 224x224 RGB it would be 36 GB.
+CACHE_MAX_BYTES = 2 * 1024**3
+
+
+def cacheable(
+    dataset: Dataset,
+    aug: Mapping[str, Any],
+    input_size: Sequence[int] | None = None,
+    max_bytes: int | None = CACHE_MAX_BYTES,
+) -> str | None:
+    """None when ``dataset`` can be served by :class:`CachedLoader` under ``aug`` (and, given the
+    model's ``input_size`` (C, H, W), within ``max_bytes`` of memory); otherwise the reason it
+    cannot (for an error message)."""
     base = getattr(dataset, "dataset", dataset)  # through a Subset
     if getattr(base, "images", None) is None or getattr(base, "native_size", None) is None:
         return "the data is not an in-memory dataset of square images (built-in datasets only)"
+    if input_size is not None and max_bytes is not None:
+        need = len(dataset) * math.prod(input_size) * 4
+        if need > max_bytes:
+            return (f"{len(dataset)} images of {tuple(input_size)} would take {need / 1024**3:.1f} GiB as float32 "
+                    f"(more than {max_bytes / 1024**3:.1f} GiB)")
     if not flip_only(aug):
         return ("the training augmentation is more than a horizontal flip (random-resized crops, colour "
                 "jitter, AutoAugment or random erasing change every image every epoch)")
