@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from cyclemlp.data import (
     cache_images,
     cacheable,
     collate_skip,
+    static_part,
     fashion_mnist,
     find_fashion_mnist,
     read_idx,
@@ -210,11 +212,86 @@ def test_cached_loader_flips_each_image_with_the_transforms_probability():
     assert len(eval_loader) == 6 and torch.equal(torch.cat([x for x, _, _ in eval_loader]), images)
 
 
+def _windows(image: torch.Tensor, pad: int, fill: float) -> list[torch.Tensor]:
+    """Every crop of ``image``'s size from ``image`` padded by ``pad`` with ``fill``."""
+    h, w = image.shape[-2:]
+    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad), value=fill)
+    return [padded[..., t:t + h, l:l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+
+
+def test_pad_crop_translates_like_torchvisions_random_crop():
+    ds = build_dataset("fashion-mnist", split="test", in_chans=1, subset=256)
+    black = -FMNIST_32["mean"][0] / FMNIST_32["std"][0]
+    clean = build_transform(FMNIST_32, True, **{**FLIP_ONLY, "hflip": 0.0})
+    shifted = build_transform(FMNIST_32, True, **{**FLIP_ONLY, "hflip": 0.0, "pad_crop": 3})
+    assert "RandomCrop" in repr(shifted) and "RandomCrop" not in repr(clean)
+    assert "RandomCrop" not in repr(build_transform(FMNIST_32, False, pad_crop=3))  # training only
+    with pytest.raises(ValueError, match="pad_crop must be"):
+        build_transform(FMNIST_32, True, pad_crop=-1)
+    base = ds.dataset
+    torch.manual_seed(0)
+    moved = 0
+    for i in ds.indices[:12]:  # the per-image pipeline: one of the 49 windows of the padded image
+        image = Image.fromarray(base.images[i])
+        out, reference = shifted(image), clean(image)
+        hits = [k for k, window in enumerate(_windows(reference, 3, black)) if torch.allclose(out, window, atol=1e-6)]
+        assert hits, "a translated image is no window of the padded image"
+        moved += 24 not in hits  # 24: the centre window, no shift
+    assert moved >= 6
+
+    images, targets = cache_images(ds, build_transform(FMNIST_32, True, **static_part({**FLIP_ONLY, "pad_crop": 3})))
+    assert torch.equal(images, cache_images(ds, clean)[0])  # the cache holds the untranslated images
+    loader = CachedLoader(ds, images, targets, build_sampler(ds, 64, True, seed=1), 64, True, hflip=0.5, pad_crop=3,
+                          fill=(black,))
+    torch.manual_seed(0)
+    order = list(iter(loader.sampler))
+    offsets = set()
+    for b, (x, y, _) in enumerate(loader):
+        assert x.shape == (64, 1, 32, 32) and torch.equal(y, targets[order[b * 64:(b + 1) * 64]])
+        for k, i in enumerate(order[b * 64:(b + 1) * 64]):
+            windows = _windows(images[i], 3, black)
+            hits = [n for n, w in enumerate(windows) if torch.equal(x[k], w) or torch.equal(x[k], w.flip(-1))]
+            assert hits, "a cached batch image is no (flipped) window of the padded image"
+            offsets.update(hits)
+    assert len(offsets) >= 40  # offsets drawn over the whole 7 x 7 range
+    torch.manual_seed(0)
+    again = torch.cat([x for x, _, _ in loader])
+    torch.manual_seed(0)
+    assert torch.equal(again, torch.cat([x for x, _, _ in loader]))
+    with pytest.raises(ValueError, match="pad_crop must be"):
+        CachedLoader(ds, images, targets, build_sampler(ds, 64, False), 64, False, pad_crop=-2)
+
+
+def test_cached_loader_erases_with_timms_random_erasing():
+    from timm.data.random_erasing import RandomErasing
+
+    ds = build_dataset("fashion-mnist", split="test", in_chans=1, subset=512)
+    images, targets = cache_images(ds, build_transform(FMNIST_32, False))
+    sampler = build_sampler(ds, 64, False)
+    erase = RandomErasing(0.25, mode="pixel", device="cpu")
+    loader = CachedLoader(ds, images, targets, sampler, 64, False, erasing=erase)
+    random.seed(0)
+    torch.manual_seed(0)
+    out = torch.cat([x for x, _, _ in loader])
+    changed = (out != images).flatten(1)
+    erased = changed.any(1)
+    assert 80 < int(erased.sum()) < 180  # about a quarter of 512
+    for k in torch.nonzero(erased).flatten().tolist():  # each change is one rectangle
+        rows, cols = changed[k].view(32, 32).nonzero(as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert len(rows) > 0.9 * box
+    assert torch.equal(images, cache_images(ds, build_transform(FMNIST_32, False))[0])  # the cache is untouched
+    random.seed(0)
+    torch.manual_seed(0)
+    assert torch.equal(out, torch.cat([x for x, _, _ in loader]))  # Python's and torch's generators decide
+
+
 def test_caching_is_refused_with_the_reason(tmp_path):
     fmnist = build_dataset("fashion-mnist", split="test", in_chans=1, subset=8)
     assert cacheable(fmnist, FLIP_ONLY) is None and cacheable(fmnist, dict(no_aug=True)) is None
-    assert "more than a horizontal flip" in cacheable(fmnist, {**FLIP_ONLY, "scale": (0.08, 1.0)})
-    assert "more than a horizontal flip" in cacheable(fmnist, {**FLIP_ONLY, "re_prob": 0.25})
+    assert cacheable(fmnist, {**FLIP_ONLY, "re_prob": 0.25, "pad_crop": 2}) is None  # drawn per batch
+    assert "more than flips, translation and random erasing" in cacheable(fmnist, {**FLIP_ONLY, "scale": (0.08, 1.0)})
+    assert "more than flips" in cacheable(fmnist, {**FLIP_ONLY, "color_jitter": 0.4})
     assert cacheable(fmnist, FLIP_ONLY, (1, 32, 32)) is None
     too_big = cacheable(fmnist, FLIP_ONLY, (3, 224, 224), max_bytes=8 * 3 * 224 * 224 * 4 - 1)
     assert "8 images of (3, 224, 224) would take" in too_big

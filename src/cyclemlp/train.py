@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import timm
 import torch
 from timm.data import Mixup, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -47,7 +48,7 @@ from . import engine
 from .checkpoint import CheckpointError, save_weights
 from .data import (
     CachedLoader, build_dataset, build_loader, build_sampler, build_transform, builtin_name, cache_images,
-    cacheable, default_splits, native_in_chans,
+    cacheable, default_splits, native_in_chans, static_part,
 )
 from .evaluate import evaluate, load_weights
 
@@ -142,6 +143,7 @@ class TrainConfig:
     reprob: float = 0.0
     remode: str = "pixel"
     recount: int = 1
+    pad_crop: int = 0  # random translation: crop from the image zero-padded by N pixels per side
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0
@@ -222,6 +224,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]; got {value}")
+        if self.pad_crop < 0:
+            raise ValueError(f"pad_crop must be a number of pixels >= 0; got {self.pad_crop}")
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be within (0, 1]; got {self.crop_pct}")
         if not isinstance(self.model_kwargs, Mapping):
@@ -496,7 +500,7 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     data_config = _data_config(config, model, getattr(train_set, "dataset", train_set), in_chans)
     aug = dict(scale=tuple(config.scale), ratio=tuple(config.ratio), hflip=config.hflip,
                color_jitter=config.color_jitter, auto_augment=config.aa, re_prob=config.reprob,
-               re_mode=config.remode, re_count=config.recount, no_aug=config.no_aug)
+               re_mode=config.remode, re_count=config.recount, pad_crop=config.pad_crop, no_aug=config.no_aug)
     size = data_config["input_size"]
     not_cacheable = cacheable(train_set, aug, size) or cacheable(val_set, dict(no_aug=True), size)
     if config.cache_data and not_cacheable:
@@ -504,14 +508,19 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     cache = not not_cacheable if config.cache_data is None else config.cache_data
     train_loader: Any
     val_loader: Any
-    if cache:  # timm's transform once per image (its flip drawn per batch), then batches by indexing
-        train_x, train_y = cache_images(train_set, build_transform(data_config, True, **{**aug, "hflip": 0.0}),
+    if cache:  # timm's transform once per image (flip, translation, erasing drawn per batch), then indexing
+        train_x, train_y = cache_images(train_set, build_transform(data_config, True, **static_part(aug)),
                                         config.workers)
         val_x, val_y = cache_images(val_set, build_transform(data_config, False), config.workers)
         train_sampler = build_sampler(train_set, config.batch_size, True, dist.rank, dist.world_size, config.seed,
                                       config.aug_repeats, config.samples_per_epoch)
+        black = [-m / s for m, s in zip(data_config["mean"], data_config["std"])]  # 0 after normalising
+        erasing = None
+        if config.reprob > 0 and not config.no_aug:  # timm's, on the normalised batch (as its PrefetchLoader)
+            erasing = RandomErasing(config.reprob, mode=config.remode, max_count=config.recount, device="cpu")
         train_loader = CachedLoader(train_set, train_x, train_y, train_sampler, config.batch_size, True,
-                                    hflip=0.0 if config.no_aug else config.hflip)
+                                    hflip=0.0 if config.no_aug else config.hflip,
+                                    pad_crop=0 if config.no_aug else config.pad_crop, fill=black, erasing=erasing)
         val_loader = CachedLoader(val_set, val_x, val_y, build_sampler(val_set, config.batch_size, False, dist.rank,
                                                                        dist.world_size), config.batch_size, False)
     else:

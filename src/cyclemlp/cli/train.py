@@ -82,6 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reprob", type=float, metavar="P", help="random erasing probability")
     g.add_argument("--remode", choices=("pixel", "rand", "const"), help="random erasing fill")
     g.add_argument("--recount", type=int, metavar="N", help="random erasing count")
+    g.add_argument("--pad-crop", type=int, metavar="N",
+                   help="random translation: crop the input size from the image zero-padded by N pixels per side")
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix alpha (0 = off)")
     g.add_argument("--mixup-prob", type=float, metavar="P", help="probability of mixup or cutmix per batch")

@@ -25,8 +25,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import _worker_init
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.data import default_collate
+from torchvision import transforms
 
-from .cached import CachedLoader, cache_images, cacheable, flip_only
+from .cached import CachedLoader, batch_augmentable, cache_images, cacheable, static_part
 from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, find_fashion_mnist, read_idx
 from .folder import CorruptImageError, ImageFolder, find_classes, find_images
 
@@ -38,6 +39,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FashionMNIST",
     "ImageFolder",
+    "batch_augmentable",
     "build_dataset",
     "build_loader",
     "build_sampler",
@@ -48,8 +50,8 @@ __all__ = [
     "find_classes",
     "find_fashion_mnist",
     "find_images",
-    "flip_only",
     "read_idx",
+    "static_part",
 ]
 
 BUILTIN_DATASETS = {"fashion-mnist": FashionMNIST}
@@ -128,11 +130,17 @@ def build_transform(
     re_prob: float = 0.0,
     re_mode: str = "pixel",
     re_count: int = 1,
+    pad_crop: int = 0,
     no_aug: bool = False,
 ) -> Callable:
     """timm's transform for ``data_config`` (``input_size`` (C, H, W), ``interpolation``,
-    ``crop_pct``, ``mean``, ``std``): training augmentation or the evaluation resize + centre crop."""
-    return create_transform(
+    ``crop_pct``, ``mean``, ``std``): training augmentation or the evaluation resize + centre crop.
+
+    ``pad_crop`` N > 0 (training) adds a random translation: torchvision's ``RandomCrop`` of the
+    input size from the image zero-padded by N pixels on every side, after the flip."""
+    if pad_crop < 0:
+        raise ValueError(f"pad_crop must be a number of pixels >= 0; got {pad_crop}")
+    transform = create_transform(
         data_config["input_size"],
         is_training=training,
         no_aug=no_aug,
@@ -150,6 +158,13 @@ def build_transform(
         re_mode=re_mode,
         re_count=re_count,
     )
+    if training and pad_crop and not no_aug:
+        steps = list(transform.transforms)
+        at = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)  # the PIL stage ends there
+        size = tuple(data_config["input_size"][-2:])
+        steps.insert(at, transforms.RandomCrop(size, padding=pad_crop, fill=0))
+        transform = transforms.Compose(steps)
+    return transform
 
 
 def collate_skip(batch: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:

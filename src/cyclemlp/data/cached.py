@@ -1,15 +1,25 @@
 """Batches cut from images transformed once and held in memory.
 
-For a small in-memory dataset whose training augmentation is a horizontal flip and nothing else
-(the ``fashion-mnist`` recipe), timm's per-image transform (PIL resize, to-tensor, normalise) is
-deterministic apart from the flip, yet it runs again for every image of every epoch. On a
-two-core machine that work competes with the training step itself. :class:`CachedLoader` applies
-the same timm transform (without its flip) once per image, keeps the float tensors, and serves
-batches by indexing them, flipping each image with the transform's probability. The images a
-model sees have the same distribution as through the per-image pipeline (tests compare them pixel
-for pixel); the flips come from a generator seeded from torch's global generator at the start of
-every epoch, as DataLoader seeds its workers, so a run resumed from a saved random state flips the
-same images.
+For a small in-memory dataset whose training augmentation changes images only in ways that can be
+applied to a batch (the ``fashion-mnist`` recipe: horizontal flips, random translation by
+zero-padding and cropping, random erasing), timm's per-image transform (PIL resize, to-tensor,
+normalise) is deterministic apart from those, yet it runs again for every image of every epoch.
+On a two-core machine that work competes with the training step itself. :class:`CachedLoader`
+applies the same timm transform (without the random parts) once per image, keeps the float
+tensors, and serves batches by indexing them, then draws the random parts per image with the
+transform's probabilities:
+
+- translation (``pad_crop``): the same window torchvision's ``RandomCrop(padding=N)`` cuts, from
+  the image padded with the normalised value of black;
+- flip: each image with the transform's probability;
+- random erasing: timm's own ``RandomErasing`` applied to the normalised batch, as timm's
+  ``PrefetchLoader`` applies it.
+
+The images a model sees have the same distribution as through the per-image pipeline (tests
+compare them pixel for pixel for fixed draws); flips and translations come from a generator seeded
+from torch's global generator at the start of every epoch, as DataLoader seeds its workers, and
+erasing draws from Python's and torch's global generators, so a run resumed from a saved random
+state sees the same images.
 """
 
 from __future__ import annotations
@@ -20,12 +30,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CACHE_MAX_BYTES", "CachedLoader", "cache_images", "cacheable", "flip_only"]
+__all__ = ["CACHE_MAX_BYTES", "CachedLoader", "batch_augmentable", "cache_images", "cacheable", "static_part"]
 
 
-def flip_only(aug: Mapping[str, Any]) -> bool:
-    """Whether the augmentation settings (``build_transform``'s keywords) leave only a random
-    horizontal flip: full-image crops of a fixed aspect, no colour jitter, AutoAugment or erasing."""
+def batch_augmentable(aug: Mapping[str, Any]) -> bool:
+    """Whether the augmentation settings (``build_transform``'s keywords) change images only in ways
+    :class:`CachedLoader` draws per batch: full-image crops of a fixed aspect, no colour jitter,
+    AutoAugment or vertical flip (horizontal flip, ``pad_crop`` translation and random erasing are
+    fine)."""
     if aug.get("no_aug"):
         return True
     return (
@@ -33,9 +45,13 @@ def flip_only(aug: Mapping[str, Any]) -> bool:
         and tuple(aug.get("ratio", ())) == (1.0, 1.0)
         and not aug.get("color_jitter")
         and not aug.get("auto_augment")
-        and not aug.get("re_prob")
         and not aug.get("vflip")
     )
+
+
+def static_part(aug: Mapping[str, Any]) -> dict[str, Any]:
+    """``aug`` without the parts :class:`CachedLoader` draws per batch: the transform to cache."""
+    return {**aug, "hflip": 0.0, "re_prob": 0.0, "pad_crop": 0}
 
 
 # Largest cache (float32 images) built without being asked: Fashion-MNIST at 32x32 grey is 0.25 GB;
@@ -60,9 +76,9 @@ def cacheable(
         if need > max_bytes:
             return (f"{len(dataset)} images of {tuple(input_size)} would take {need / 1024**3:.1f} GiB as float32 "
                     f"(more than {max_bytes / 1024**3:.1f} GiB)")
-    if not flip_only(aug):
-        return ("the training augmentation is more than a horizontal flip (random-resized crops, colour "
-                "jitter, AutoAugment or random erasing change every image every epoch)")
+    if not batch_augmentable(aug):
+        return ("the training augmentation is more than flips, translation and random erasing (random-resized "
+                "crops, colour jitter or AutoAugment change every image every epoch)")
     return None
 
 
@@ -105,14 +121,26 @@ class CachedLoader:
         batch_size: int,
         drop_last: bool,
         hflip: float = 0.0,
+        pad_crop: int = 0,
+        fill: Sequence[float] = (0.0,),
+        erasing: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if len(images) != len(targets) or len(images) != len(dataset):
             raise ValueError(f"cached images ({len(images)}), targets ({len(targets)}) and dataset "
                              f"({len(dataset)}) differ in length")
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability; got {hflip}")
+        if pad_crop < 0:
+            raise ValueError(f"pad_crop must be a number of pixels >= 0; got {pad_crop}")
         self.dataset, self.images, self.targets = dataset, images, targets
         self.sampler, self.batch_size, self.drop_last, self.hflip = sampler, batch_size, drop_last, hflip
+        self.pad_crop, self.erasing = pad_crop, erasing
+        if pad_crop:  # padded once; ``fill`` is black after normalisation, per channel
+            n, c, h, w = images.shape
+            fill_value = torch.as_tensor(fill, dtype=images.dtype).reshape(-1, 1, 1).expand(c, 1, 1)
+            padded = fill_value.expand(c, h + 2 * pad_crop, w + 2 * pad_crop).repeat(n, 1, 1, 1)
+            padded[:, :, pad_crop:pad_crop + h, pad_crop:pad_crop + w] = images
+            self.padded = padded
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -125,9 +153,25 @@ class CachedLoader:
         order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.int64)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start: start + self.batch_size]
-            images = self.images[index]  # a fresh tensor: flipping it leaves the cache intact
+            if self.pad_crop:
+                images = self._translated(index, generator)
+            else:
+                images = self.images[index]  # a fresh tensor: changing it leaves the cache intact
             if self.hflip > 0:
                 flip = torch.rand(len(index), generator=generator) < self.hflip
                 if flip.any():
                     images[flip] = images[flip].flip(-1)
+            if self.erasing is not None:
+                images = self.erasing(images)
             yield images, self.targets[index], 0
+
+    def _translated(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Windows of the padded images at offsets drawn uniformly in [0, 2 * pad_crop] (as
+        ``RandomCrop(padding=pad_crop)``): row offsets first, then column offsets."""
+        h, w = self.images.shape[-2:]
+        top = torch.randint(0, 2 * self.pad_crop + 1, (len(index),), generator=generator)
+        left = torch.randint(0, 2 * self.pad_crop + 1, (len(index),), generator=generator)
+        rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(w))[:, None, None, :]
+        channels = torch.arange(self.images.shape[1])[None, :, None, None]
+        return self.padded[index[:, None, None, None], channels, rows, cols]
