@@ -27,6 +27,15 @@ def test_bad_jobs_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "--jobs must be at least 1" in done.stderr
 
 
+def test_bad_or_changed_reprob_is_a_clear_error(tmp_path):
+    done = _bench("--reprob", "1.5", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--reprob must be within [0, 1]" in done.stderr
+    (tmp_path / "conditions.json").write_text(json.dumps(dict(
+        started="x", machine="x", torch="x", timm="x", load_start=0.0, reprob=0.25)))
+    done = _bench("--output", str(tmp_path))  # the run folder was made with erasing; this asks for none
+    assert done.returncode == 2 and "holds a benchmark run with random erasing 0.25" in done.stderr
+
+
 @pytest.mark.slow
 def test_two_jobs_give_the_table_and_a_rerun_trains_nothing(tmp_path):
     args = ["--budget-min", "0.03", "--models", "cyclemlp", "resnet18", "--output", str(tmp_path), "--no-progress"]

@@ -131,6 +131,8 @@ def config_for(entry: Entry, run_plan: dict[str, Any], out: Path, args: argparse
         workers=args.workers, threads=args.threads, seed=args.seed,
         output=str(out), progress=not args.no_progress, recipe="fashion-mnist",
     )
+    if args.reprob is not None:
+        values.update(reprob=args.reprob)
     if (out / "last.pth").exists():
         values.update(output=None, resume=str(out))
     return TrainConfig(**values)
@@ -188,7 +190,8 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
     notes = [
         "", f"Fashion-MNIST test set (10,000 images); input {conditions['img_size']}x{conditions['img_size']} grey "
-        f"(resized from 28x28), every model with its own stem; recipe `fashion-mnist`; budget "
+        f"(resized from 28x28), every model with its own stem; recipe `fashion-mnist`"
+        f"{' with random erasing ' + str(conditions['reprob']) if conditions.get('reprob') else ''}; budget "
         f"{conditions['budget_min']} CPU minutes per model; {conditions['threads']} torch thread(s) + "
         f"{conditions['workers']} loader worker(s) per run; {conditions['machine']}; load average "
         f"{conditions['load_start']} at the start, {conditions.get('load_end')} at the end; {conditions['started']}.",
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes per run (default 1)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--reprob", type=float, default=None, metavar="P",
+                        help="random erasing probability for every model (default: the recipe's, 0)")
     parser.add_argument("--cyclemlp-kwargs", type=json.loads, default=None, metavar="JSON",
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
@@ -227,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         started=time.strftime("%Y-%m-%d %H:%M"), machine=f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
         torch=torch.__version__, timm=timm.__version__, load_start=round(os.getloadavg()[0], 1),
     )
+    reprob = recipe("fashion-mnist")["reprob"] if args.reprob is None else args.reprob
+    if not 0.0 <= reprob <= 1.0:
+        parser.error(f"--reprob must be within [0, 1]; got {reprob}")
+    if conditions.get("reprob", reprob) != reprob:
+        parser.error(f"{out} holds a benchmark run with random erasing {conditions['reprob']}; pass --reprob "
+                     f"{conditions['reprob']} to continue it, or another --output")
     conditions.update(budget_min=args.budget_min, img_size=args.img_size, threads=args.threads, workers=args.workers,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, reprob=reprob)
     atomic_write(conditions_path, lambda tmp: Path(tmp).write_text(json.dumps(conditions, indent=1)))
     results_path = out / "results.json"
     previous = json.loads(results_path.read_text())["results"] if results_path.exists() else []
