@@ -295,6 +295,9 @@ def test_caching_is_refused_with_the_reason(tmp_path):
     assert cacheable(fmnist, FLIP_ONLY, (1, 32, 32)) is None
     too_big = cacheable(fmnist, FLIP_ONLY, (3, 224, 224), max_bytes=8 * 3 * 224 * 224 * 4 - 1)
     assert "8 images of (3, 224, 224) would take" in too_big
+    fits = 8 * 3 * 224 * 224 * 4
+    assert cacheable(fmnist, FLIP_ONLY, (3, 224, 224), max_bytes=fits) is None
+    assert "would take" in cacheable(fmnist, {**FLIP_ONLY, "pad_crop": 4}, (3, 224, 224), max_bytes=fits)  # + padded copy
     folder = build_dataset(data=imagenet_folder(tmp_path), split="train")
     assert "not an in-memory dataset" in cacheable(folder, FLIP_ONLY)
     with pytest.raises(ValueError, match="differ in length"):

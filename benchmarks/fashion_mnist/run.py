@@ -4,6 +4,7 @@ wall-clock budget.
     python -m benchmarks.fashion_mnist.run --budget-min 60            # the budget
     python -m benchmarks.fashion_mnist.run --budget-min 10 --models cyclemlp resnet18
     python -m benchmarks.fashion_mnist.run --budget-min 30 --jobs 2      # two models at a time
+    python -m benchmarks.fashion_mnist.run --budget-min 30 --reprob 0.25 # random erasing for every model
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —

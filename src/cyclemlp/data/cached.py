@@ -73,6 +73,10 @@ def cacheable(
         return "the data is not an in-memory dataset of square images (built-in datasets only)"
     if input_size is not None and max_bytes is not None:
         need = len(dataset) * math.prod(input_size) * 4
+        pad = 0 if aug.get("no_aug") else int(aug.get("pad_crop") or 0)
+        if pad:  # CachedLoader also keeps a padded copy to cut translated windows from
+            c, h, w = input_size
+            need += len(dataset) * c * (h + 2 * pad) * (w + 2 * pad) * 4
         if need > max_bytes:
             return (f"{len(dataset)} images of {tuple(input_size)} would take {need / 1024**3:.1f} GiB as float32 "
                     f"(more than {max_bytes / 1024**3:.1f} GiB)")
