@@ -1,5 +1,7 @@
 """The benchmark's target check reads the measured ratios correctly (no timing is asserted)."""
 
+import pytest
+
 from benchmarks.run import B1_STAGES, check_targets, markdown_table
 
 
@@ -53,3 +55,47 @@ def test_peak_share_needed_by_a_throughput_target():
     assert checks["cyclemlp_b1 inference / deform B1"]["needs_peak_share"] == 1.2
     assert abs(checks["cyclemlp_b1 training / deform B1"]["needs_peak_share"] - 0.96) < 1e-12
     assert checks["cyclemlp_b2 inference / resnet50"]["needs_peak_share"] is None  # no FLOPs known
+
+
+def test_products_only_ceiling_decides_reachability():
+    results = _results(20, 1.4)
+    for row in results["models"]:
+        if row["model"] == "cyclemlp_b1":
+            row.update(products_infer_img_s=28.0, products_train_img_s=9.0)
+    for row in results["cycle_fc"]:
+        if row["impl"] == "linear":
+            row["copy_ms"] = 2.0 if row["shape"] == "56x56x64" else 1.0
+    checks = {c["target"]: c for c in check_targets(results)}
+    # products alone: 28 img/s = 1.4 x pvt_v2_b1's 20 < 1.5 -> out of reach; 2.8 x deform < 3 as well
+    assert abs(checks["cyclemlp_b1 inference / pvt_v2_b1"]["products_only"] - 1.4) < 1e-12
+    assert checks["cyclemlp_b1 inference / pvt_v2_b1"]["reachable"] is False
+    assert checks["cyclemlp_b1 training / deform B1"]["products_only"] == 4.5
+    assert checks["cyclemlp_b1 training / deform B1"]["reachable"] is True
+    # Cycle FC / Linear: (10 + 2 x 2) / 10 = 1.4 > 1.3 at the first stage, 1.2 elsewhere
+    first = checks["Cycle FC fwd+bwd / Linear, 56x56x64, batch 8"]
+    assert abs(first["products_only"] - 1.4) < 1e-12 and first["reachable"] is False
+    assert checks["Cycle FC fwd+bwd / Linear, 7x7x512, batch 8"]["reachable"] is True
+    assert checks["cyclemlp_b2 inference / resnet50"]["reachable"] is None  # no ceiling measured
+
+
+def test_recorded_products_are_the_models_work():
+    import timm
+    import torch
+
+    from benchmarks.gemm_bound import ceiling_seconds, product_flops, record_products, replay_seconds
+    from cyclemlp import count_cost
+
+    torch.manual_seed(0)
+    model = timm.create_model("cyclemlp_b1", dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        calls = record_products(lambda: model(x))
+    # the recorded products carry the model's FLOPs (batch 2), as the project's counter sees them
+    per_image = product_flops(calls) / 2
+    assert abs(per_image - count_cost(model, 64).flops) < 0.01 * count_cost(model, 64).flops
+    assert replay_seconds(calls, repeats=1) > 0 and ceiling_seconds(calls, repeats=1) > 0
+    model.train()
+    train_calls = record_products(lambda: model(x).sum().backward())
+    assert len(train_calls) > len(calls)
+    with pytest.raises(ValueError, match="no matrix product"):
+        record_products(lambda: torch.ones(3) + 1)
