@@ -27,13 +27,17 @@ def test_bad_jobs_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "--jobs must be at least 1" in done.stderr
 
 
-def test_bad_or_changed_reprob_is_a_clear_error(tmp_path):
+def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     done = _bench("--reprob", "1.5", "--output", str(tmp_path))
     assert done.returncode == 2 and "--reprob must be within [0, 1]" in done.stderr
     (tmp_path / "conditions.json").write_text(json.dumps(dict(
         started="x", machine="x", torch="x", timm="x", load_start=0.0, reprob=0.25)))
     done = _bench("--output", str(tmp_path))  # the run folder was made with erasing; this asks for none
     assert done.returncode == 2 and "holds a benchmark run with random erasing 0.25" in done.stderr
+    done = _bench("--reprob", "0.25", "--drop-path", "0.1", "--output", str(tmp_path))  # made without drop path
+    assert done.returncode == 2 and "holds a benchmark run with drop path 0.0; pass --drop-path 0.0" in done.stderr
+    done = _bench("--drop-path", "-0.1", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--drop-path must be within [0, 1]" in done.stderr
 
 
 @pytest.mark.slow

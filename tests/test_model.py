@@ -138,6 +138,25 @@ def test_custom_variant_and_ablation_options():
         CycleMLP(layout="convnext")
 
 
+@pytest.mark.parametrize("layout", ["pvt", "swin"])
+def test_stem_stride_keeps_resolution_and_weights(layout):
+    """A stride-2 stem doubles every stage's grid; its weights have the paper stem's shape, so a
+    stride-4 model's state dict loads into it unchanged."""
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), layout=layout, in_chans=1, num_classes=3)
+    paper = CycleMLP(**kwargs)
+    fine = CycleMLP(stem_stride=2, **kwargs)
+    if layout == "pvt":
+        fine.load_state_dict(paper.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    grids = [f.shape[-1] for f in fine.forward_intermediates(x, intermediates_only=True)]
+    assert grids == [16, 8, 4, 2]
+    assert [f.shape[-1] for f in paper.forward_intermediates(x, intermediates_only=True)] == [8, 4, 2, 1]
+    assert [info["reduction"] for info in fine.feature_info] == [2, 4, 8, 16]
+    assert fine(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="stem_stride"):
+        CycleMLP(stem_stride=3)
+
+
 @pytest.mark.parametrize("shape,match", [((3, 224, 224), "images of shape"), ((1, 1, 64, 64), "images of shape"),
                                          ((1, 3, 2, 64), "at least")])
 def test_bad_image_shapes(shape, match):

@@ -5,6 +5,7 @@ wall-clock budget.
     python -m benchmarks.fashion_mnist.run --budget-min 10 --models cyclemlp resnet18
     python -m benchmarks.fashion_mnist.run --budget-min 30 --jobs 2      # two models at a time
     python -m benchmarks.fashion_mnist.run --budget-min 30 --reprob 0.25 # random erasing for every model
+    python -m benchmarks.fashion_mnist.run --budget-min 30 --drop-path 0.1 # stochastic depth for every model
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —
@@ -51,6 +52,8 @@ from cyclemlp.flops import count_cost
 from cyclemlp.train import TrainConfig, recipe, train
 
 TRAIN_IMAGES = 60000
+# Recipe values the benchmark can change, for every model alike: key -> (flag, description).
+RECIPE_OPTIONS = {"reprob": ("--reprob", "random erasing"), "drop_path": ("--drop-path", "drop path")}
 EVAL_IMAGES = 10000
 
 
@@ -132,8 +135,9 @@ def config_for(entry: Entry, run_plan: dict[str, Any], out: Path, args: argparse
         workers=args.workers, threads=args.threads, seed=args.seed,
         output=str(out), progress=not args.no_progress, recipe="fashion-mnist",
     )
-    if args.reprob is not None:
-        values.update(reprob=args.reprob)
+    for key in RECIPE_OPTIONS:
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
     if (out / "last.pth").exists():
         values.update(output=None, resume=str(out))
     return TrainConfig(**values)
@@ -192,7 +196,8 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
     notes = [
         "", f"Fashion-MNIST test set (10,000 images); input {conditions['img_size']}x{conditions['img_size']} grey "
         f"(resized from 28x28), every model with its own stem; recipe `fashion-mnist`"
-        f"{' with random erasing ' + str(conditions['reprob']) if conditions.get('reprob') else ''}; budget "
+        f"{' with random erasing ' + str(conditions['reprob']) if conditions.get('reprob') else ''}"
+        f"{' and drop path ' + str(conditions['drop_path']) if conditions.get('drop_path') else ''}; budget "
         f"{conditions['budget_min']} CPU minutes per model; {conditions['threads']} torch thread(s) + "
         f"{conditions['workers']} loader worker(s) per run; {conditions['machine']}; load average "
         f"{conditions['load_start']} at the start, {conditions.get('load_end')} at the end; {conditions['started']}.",
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--reprob", type=float, default=None, metavar="P",
                         help="random erasing probability for every model (default: the recipe's, 0)")
+    parser.add_argument("--drop-path", type=float, default=None, metavar="P",
+                        help="stochastic depth (drop path rate) for every model (default: the recipe's, 0)")
     parser.add_argument("--cyclemlp-kwargs", type=json.loads, default=None, metavar="JSON",
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
@@ -233,14 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         started=time.strftime("%Y-%m-%d %H:%M"), machine=f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
         torch=torch.__version__, timm=timm.__version__, load_start=round(os.getloadavg()[0], 1),
     )
-    reprob = recipe("fashion-mnist")["reprob"] if args.reprob is None else args.reprob
-    if not 0.0 <= reprob <= 1.0:
-        parser.error(f"--reprob must be within [0, 1]; got {reprob}")
-    if conditions.get("reprob", reprob) != reprob:
-        parser.error(f"{out} holds a benchmark run with random erasing {conditions['reprob']}; pass --reprob "
-                     f"{conditions['reprob']} to continue it, or another --output")
+    defaults = recipe("fashion-mnist")
+    settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in RECIPE_OPTIONS}
+    for key, (flag, _) in RECIPE_OPTIONS.items():
+        if not 0.0 <= settings[key] <= 1.0:
+            parser.error(f"{flag} must be within [0, 1]; got {settings[key]}")
+    for key, (flag, what) in RECIPE_OPTIONS.items():
+        made = conditions.get(key, defaults[key])  # runs made before an option existed used the recipe's value
+        if made != settings[key]:
+            parser.error(f"{out} holds a benchmark run with {what} {made}; pass {flag} {made} to continue it, "
+                         "or another --output")
     conditions.update(budget_min=args.budget_min, img_size=args.img_size, threads=args.threads, workers=args.workers,
-                      batch_size=args.batch_size, reprob=reprob)
+                      batch_size=args.batch_size, **settings)
     atomic_write(conditions_path, lambda tmp: Path(tmp).write_text(json.dumps(conditions, indent=1)))
     results_path = out / "results.json"
     previous = json.loads(results_path.read_text())["results"] if results_path.exists() else []

@@ -310,6 +310,9 @@ class CycleMLP(nn.Module):
         drop_path_rate: stochastic depth, growing linearly from 0 over all blocks.
         dense_norms: add one LayerNorm per stage output, used by :meth:`forward_intermediates`
             (the dense-prediction backbone of the paper).
+        stem_stride: reduction of the stem, 4 (the paper's) or 2 or 1 for small images: ``pvt``
+            keeps its 7x7 kernel (padding 2 at stride 4, else 3), ``swin`` patches of that size.
+            The stem weights keep their shape, so the authors' weights still load.
     """
 
     def __init__(
@@ -327,6 +330,7 @@ class CycleMLP(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         dense_norms: bool = False,
+        stem_stride: int = 4,
     ) -> None:
         super().__init__()
         depths, dims, mlp_ratios = tuple(depths), tuple(dims), tuple(mlp_ratios)
@@ -338,8 +342,11 @@ class CycleMLP(nn.Module):
             raise ValueError(f"layout must be 'pvt' or 'swin'; got {layout!r}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+        if stem_stride not in (1, 2, 4):
+            raise ValueError(f"stem_stride must be 4 (the paper's), 2 or 1; got {stem_stride!r}")
         self.depths, self.dims, self.layout = depths, dims, layout
         self.stepsize, self.pattern, self.branches = stepsize, pattern, tuple(branches)
+        self.stem_stride = stem_stride
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -348,9 +355,13 @@ class CycleMLP(nn.Module):
         self._min_input = 3 if layout == "pvt" else 4
 
         if layout == "pvt":
-            self.stem = ConvEmbed(in_chans, dims[0], 7, 4, 2, channels_last_input=False)
+            padding = 2 if stem_stride == 4 else 3  # 7x7: the paper's padding 2 at stride 4, else "same"
+            self.stem = ConvEmbed(in_chans, dims[0], 7, stem_stride, padding, channels_last_input=False)
         else:
-            self.stem = ConvEmbed(in_chans, dims[0], 4, 4, 0, norm=True, channels_last_input=False)
+            self.stem = ConvEmbed(
+                in_chans, dims[0], 4 if stem_stride == 4 else stem_stride, stem_stride, 0, norm=True,
+                channels_last_input=False,
+            )
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, first = [], 0
         for i, depth in enumerate(depths):
@@ -364,7 +375,7 @@ class CycleMLP(nn.Module):
             first += depth
         self.stages = nn.Sequential(*stages)
         self.feature_info = [
-            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(len(dims))
+            dict(num_chs=dims[i], reduction=stem_stride * 2**i, module=f"stages.{i}") for i in range(len(dims))
         ]
         self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims) if dense_norms else None
         self.norm = nn.LayerNorm(dims[-1])
