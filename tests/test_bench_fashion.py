@@ -40,6 +40,16 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     assert done.returncode == 2 and "--drop-path must be within [0, 1]" in done.stderr
 
 
+def test_recipe_options_checked_against_the_run_folder():
+    from benchmarks.fashion_mnist.run import changed_option
+
+    settings = dict(reprob=0.25, drop_path=0.0)
+    assert changed_option(dict(reprob=0.25, drop_path=0.0), settings) is None
+    assert changed_option(dict(reprob=0.25), settings) is None  # made before --drop-path existed
+    assert changed_option(dict(reprob=0.0), settings) == "random erasing 0.0; pass --reprob 0.0 to continue it"
+    assert changed_option({}, dict(reprob=0.0, drop_path=0.1)) == "drop path 0.0; pass --drop-path 0.0 to continue it"
+
+
 @pytest.mark.slow
 def test_two_jobs_give_the_table_and_a_rerun_trains_nothing(tmp_path):
     args = ["--budget-min", "0.03", "--models", "cyclemlp", "resnet18", "--output", str(tmp_path), "--no-progress"]

@@ -181,6 +181,17 @@ COLUMNS = [
 ]
 
 
+def changed_option(conditions: dict[str, Any], settings: dict[str, float]) -> str | None:
+    """The first recipe option of ``settings`` that differs from the run folder's ``conditions``
+    (as "random erasing 0.25; pass --reprob 0.25 to continue it"), or None."""
+    defaults = recipe("fashion-mnist")
+    for key, (flag, what) in RECIPE_OPTIONS.items():
+        made = conditions.get(key, defaults[key])  # runs made before an option existed used the recipe's value
+        if made != settings[key]:
+            return f"{what} {made}; pass {flag} {made} to continue it"
+    return None
+
+
 def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Path) -> None:
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
         json.dumps(dict(conditions=conditions, results=rows), indent=1)))
@@ -245,11 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, (flag, _) in RECIPE_OPTIONS.items():
         if not 0.0 <= settings[key] <= 1.0:
             parser.error(f"{flag} must be within [0, 1]; got {settings[key]}")
-    for key, (flag, what) in RECIPE_OPTIONS.items():
-        made = conditions.get(key, defaults[key])  # runs made before an option existed used the recipe's value
-        if made != settings[key]:
-            parser.error(f"{out} holds a benchmark run with {what} {made}; pass {flag} {made} to continue it, "
-                         "or another --output")
+    if conditions_path.exists():
+        problem = changed_option(conditions, settings)
+        if problem:
+            parser.error(f"{out} holds a benchmark run with {problem}, or another --output")
     conditions.update(budget_min=args.budget_min, img_size=args.img_size, threads=args.threads, workers=args.workers,
                       batch_size=args.batch_size, **settings)
     atomic_write(conditions_path, lambda tmp: Path(tmp).write_text(json.dumps(conditions, indent=1)))
