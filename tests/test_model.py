@@ -153,8 +153,12 @@ def test_stem_stride_keeps_resolution_and_weights(layout):
     assert [f.shape[-1] for f in paper.forward_intermediates(x, intermediates_only=True)] == [8, 4, 2, 1]
     assert [info["reduction"] for info in fine.feature_info] == [2, 4, 8, 16]
     assert fine(x).shape == (2, 3)
-    with pytest.raises(ValueError, match="stem_stride"):
-        CycleMLP(stem_stride=3)
+    for bad in (3, 2.0):
+        with pytest.raises(ValueError, match="stem_stride"):
+            CycleMLP(stem_stride=bad)
+    if layout == "swin":  # its 2x2 patches cannot take the paper's 4x4 stem weights
+        with pytest.raises(RuntimeError, match="stem.proj.weight"):
+            fine.load_state_dict(paper.state_dict())
 
 
 @pytest.mark.parametrize("shape,match", [((3, 224, 224), "images of shape"), ((1, 1, 64, 64), "images of shape"),

@@ -311,8 +311,8 @@ class CycleMLP(nn.Module):
         dense_norms: add one LayerNorm per stage output, used by :meth:`forward_intermediates`
             (the dense-prediction backbone of the paper).
         stem_stride: reduction of the stem, 4 (the paper's) or 2 or 1 for small images: ``pvt``
-            keeps its 7x7 kernel (padding 2 at stride 4, else 3), ``swin`` patches of that size.
-            The stem weights keep their shape, so the authors' weights still load.
+            keeps its 7x7 kernel (padding 2 at stride 4, else 3), so B1-B5 weights still load;
+            ``swin`` uses patches of that size, so the T/S/B stem weights no longer fit.
     """
 
     def __init__(
@@ -342,7 +342,7 @@ class CycleMLP(nn.Module):
             raise ValueError(f"layout must be 'pvt' or 'swin'; got {layout!r}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
-        if stem_stride not in (1, 2, 4):
+        if type(stem_stride) is not int or stem_stride not in (1, 2, 4):
             raise ValueError(f"stem_stride must be 4 (the paper's), 2 or 1; got {stem_stride!r}")
         self.depths, self.dims, self.layout = depths, dims, layout
         self.stepsize, self.pattern, self.branches = stepsize, pattern, tuple(branches)
