@@ -52,9 +52,9 @@ from cyclemlp.flops import count_cost
 from cyclemlp.train import TrainConfig, recipe, train
 
 TRAIN_IMAGES = 60000
+EVAL_IMAGES = 10000
 # Recipe values the benchmark can change, for every model alike: key -> (flag, description).
 RECIPE_OPTIONS = {"reprob": ("--reprob", "random erasing"), "drop_path": ("--drop-path", "drop path")}
-EVAL_IMAGES = 10000
 
 
 @dataclass
@@ -204,11 +204,11 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in sorted(rows, key=lambda r: -r["top1"]):
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
+    changed = [f"{what} {conditions[key]}" for key, (_, what) in RECIPE_OPTIONS.items() if conditions.get(key)]
     notes = [
         "", f"Fashion-MNIST test set (10,000 images); input {conditions['img_size']}x{conditions['img_size']} grey "
         f"(resized from 28x28), every model with its own stem; recipe `fashion-mnist`"
-        f"{' with random erasing ' + str(conditions['reprob']) if conditions.get('reprob') else ''}"
-        f"{' and drop path ' + str(conditions['drop_path']) if conditions.get('drop_path') else ''}; budget "
+        f"{' with ' + ' and '.join(changed) if changed else ''}; budget "
         f"{conditions['budget_min']} CPU minutes per model; {conditions['threads']} torch thread(s) + "
         f"{conditions['workers']} loader worker(s) per run; {conditions['machine']}; load average "
         f"{conditions['load_start']} at the start, {conditions.get('load_end')} at the end; {conditions['started']}.",
