@@ -1,12 +1,16 @@
-"""The two eager Cycle FC shift kernels of ``cyclemlp.cycle_fc``, timed at the same shapes in one
-run, to place the switch ``_SLICED_MAX_ELEMENTS``.
+"""The eager Cycle FC shift kernels of ``cyclemlp.cycle_fc``, timed at the same shapes in one run.
 
     python -m benchmarks.shift_kernels [--threads 2]
 
-``gather``: one gather through a cached index, then border strips zeroed. ``sliced``: one strided
-copy per channel slice sharing an offset. Shapes are the token mixer's stack (width, height and
-channel branches of stepsize 3) at B1's stages at 224 and at 32x32 input. Both results are
-compared for equality.
+For the token mixer's branch inputs (width and height shifts of stepsize 3, plus the unshifted
+input) at B1's stages at 224 and at 32x32 input:
+
+``gather``: the three side by side in one gather through a cached index, border strips zeroed.
+``sliced``: the same stack by one strided copy per channel slice sharing an offset (these two
+place the switch ``_SLICED_MAX_ELEMENTS``; graph mode and non-CPU devices still use them).
+``conv``: what the eager CPU path builds instead, the two shifted inputs as one-hot depthwise
+convolutions (the unshifted branch reads the input itself). ``copy``: two plain copies of the
+input, the memory traffic any shift must add. All results are compared for equality.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads; ms, best of {args.repeats}")
-    print(f"{'shape (B,H,W,C)':>18} {'stack':>9} {'gather':>8} {'sliced':>8} {'ratio':>6}")
+    print(f"{'shape (B,H,W,C)':>18} {'gather':>8} {'sliced':>8} {'conv':>8} {'copy':>8} {'faster stack/conv':>18}")
     for batch, side, channels in SHAPES:
         width = shift._offsets(channels, (1, 3), "official")
         height = shift._offsets(channels, (3, 1), "official")
@@ -46,8 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             shift._SLICED_MAX_ELEMENTS = saved
         t_sliced = best_time(lambda: shift._sliced_shift(x, tables, periods), args.repeats)
-        print(f"{str((batch, side, side, channels)):>18} {x.numel() * len(tables):>9} {t_gather * 1e3:>8.3f} "
-              f"{t_sliced * 1e3:>8.3f} {t_gather / t_sliced:>6.2f}", flush=True)
+        convs = [shift._conv_shift(x, t) for t in tables[:2]]
+        assert torch.equal(torch.cat([*convs, x], dim=-1), gathered), "the convolution disagrees"
+        t_conv = best_time(lambda: [shift._conv_shift(x, t) for t in tables[:2]], args.repeats)
+        t_copy = best_time(lambda: [x.clone() for _ in range(2)], args.repeats)
+        print(f"{str((batch, side, side, channels)):>18} {t_gather * 1e3:>8.3f} {t_sliced * 1e3:>8.3f} "
+              f"{t_conv * 1e3:>8.3f} {t_copy * 1e3:>8.3f} {min(t_gather, t_sliced) / t_conv:>18.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,14 @@ from cyclemlp import CycleFC, cycle_fc, cycle_offsets, cycle_shift
 _shift = importlib.import_module("cyclemlp.cycle_fc")
 
 
-@pytest.fixture(params=["sliced", "gather"])
+@pytest.fixture(params=["conv", "sliced", "gather"])
 def kernel(request, monkeypatch):
-    """Run a test with each eager shift kernel (slice copies or gather), whatever the size."""
+    """Run a test with each eager shift kernel (depthwise convolution where it applies, else slice
+    copies or gather; or slice copies / gather only), whatever the size."""
+    if request.param != "conv":
+        monkeypatch.setattr(_shift, "_CONV_MAX_TAPS", 0)
+        _shift._conv_kernel.cache_clear()
+        request.addfinalizer(_shift._conv_kernel.cache_clear)
     monkeypatch.setattr(_shift, "_SLICED_MAX_ELEMENTS", 1 << 62 if request.param == "sliced" else -1)
     return request.param
 
@@ -138,6 +143,45 @@ def test_sliced_and_gathered_stacks_agree(batch, h, w, channels, step, pattern):
         assert channels > 16
         return
     torch.testing.assert_close(_shift._sliced_shift(x, tables, periods), gathered, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), channels=st.integers(1, 40),
+    step=st.tuples(st.integers(1, 5), st.integers(1, 5)), pattern=st.sampled_from(["official", "paper"]),
+)
+def test_conv_shift_equals_the_copy(batch, h, w, channels, step, pattern):
+    if pattern == "official":
+        step = (1, step[1]) if step[0] <= step[1] else (step[0], 1)
+    table = _shift._offsets(channels, step, pattern)
+    x = torch.randn(batch, h, w, channels)
+    x[x.abs() < 0.1] = -0.0
+    if not _shift._conv_shift_applies(x, table):
+        assert _shift._conv_kernel(table) is None  # only too many taps (or no oneDNN) rule it out
+        return
+    torch.testing.assert_close(_shift._conv_shift(x, table), _shift._gather_shift(x, (table,)), rtol=0, atol=0)
+
+
+def test_conv_shift_use_and_limits(monkeypatch):
+    table = _shift._offsets(8, (1, 3), "official")
+    x = torch.randn(2, 4, 5, 8)
+    assert _shift._conv_shift_applies(x, table)
+    assert not _shift._conv_shift_applies(x.double(), table)  # float32 only
+    assert _shift._conv_kernel(_shift._offsets(40, (1, 17), "official")) is None  # 17 taps: copy instead
+    # a kernel first built under inference_mode still serves autograd afterwards
+    _shift._conv_kernel.cache_clear()
+    layer = CycleFC(8, 4, (3, 1))
+    with torch.inference_mode():
+        expected = layer(x)
+    y = x.clone().requires_grad_()
+    out = layer(y)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert y.grad is not None
+    # reduced-precision fp32 convolutions chosen by the user would round the shifted values
+    if hasattr(torch.backends.mkldnn, "conv"):
+        monkeypatch.setattr(torch.backends.mkldnn.conv, "fp32_precision", "bf16")
+        assert not _shift._conv_shift_applies(x, table)
 
 
 def test_shift_reads_zero_outside():

@@ -6,11 +6,11 @@ Inference on CPU runs the block's Linear layers as fused oneDNN kernels (:func:`
 Autograd would keep every intermediate a block produces. Two custom backward passes keep only
 what is cheap to have and recompute the rest:
 
-* :func:`mix_branches` — the token mixer's softmax-weighted sum of its branch outputs. Autograd
-  would store the 3x wider stack of shifted inputs (or the three branch outputs); here only the
-  mixer input is stored and the stack is rebuilt by one gather in the backward pass. The gradients
-  of the weights and of the mixing coefficients come from one per-image product ``g^T @ stack``,
-  so no branch output is ever needed.
+* :func:`mix_parts` — the token mixer's softmax-weighted sum of its branch outputs. Autograd
+  would store the shifted inputs of the branches (or the three branch outputs); here only the
+  mixer input is stored and the shifted inputs are rebuilt in the backward pass. The gradients of
+  the weights and of the mixing coefficients come from per-image products ``g^T @ S_k``, so no
+  branch output is ever needed.
 * :func:`gelu_linear` — ``Linear(GELU(h))``: stores ``h`` only, not also ``GELU(h)``.
 
 Both fall back to plain autograd under tracing/compiling and skip the bookkeeping without grads.
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .cycle_fc import OffsetTable, _gather_shift
+from .cycle_fc import OffsetTable, eager_shift
 
-__all__ = ["gelu_linear", "linear", "mix_branches", "use_onednn"]
+__all__ = ["eager_mixing", "gelu_linear", "linear", "mix_branches", "mix_parts", "use_onednn"]
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -80,30 +80,62 @@ def _plain_graph() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.is_grad_enabled()
 
 
+def _weighted_branch_sum(
+    rows: list[torch.Tensor], a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: int, onednn: bool
+) -> torch.Tensor:
+    """``sum_k a_k * (rows_k @ W_k^T + b_k)`` from n products over ``(B*N, C)`` row matrices
+    (2-D column slices are fine: products read them in place)."""
+    dim = bias.shape[0]
+    out = None
+    for k, branch_rows in enumerate(rows):
+        w, b = weight[:, k * dim:(k + 1) * dim], bias[:, k]
+        if onednn:
+            y = torch.ops.mkldnn._linear_pointwise(branch_rows, w.contiguous(), b.contiguous(), "none", [], "")
+        else:
+            y = F.linear(branch_rows, w, b)
+        y = y.view(batch, -1, dim)
+        scale = a[:, None, :, k]
+        out = y * scale if out is None else out.addcmul_(y, scale)
+    return out
+
+
+def _folded(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image weights ``a_k[o] * W_k[o, i]`` (B, C, n*C) and biases ``sum_k a_k b_k`` (B, 1, C)."""
+    batch = a.shape[0]
+    dim, n = bias.shape
+    mixed_weight = (weight.view(1, dim, n, dim) * a.unsqueeze(-1)).view(batch, dim, n * dim)
+    return mixed_weight, (a * bias).sum(dim=-1).unsqueeze(1)
+
+
 def _mix(
     stacked: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool, onednn: bool = False
 ) -> torch.Tensor:
     batch, positions, _ = stacked.shape
     dim, n = bias.shape
     if fold:
-        # per-image weights a_k[o] * W_k[o, i] (B, C, n*C) and bias sum_k a_k b_k: one bmm
-        mixed_weight = (weight.view(1, dim, n, dim) * a.unsqueeze(-1)).view(batch, dim, n * dim)
-        mixed_bias = (a * bias).sum(dim=-1).unsqueeze(1)
+        # one bmm with per-image folded weights
+        mixed_weight, mixed_bias = _folded(a, weight, bias)
         return torch.baddbmm(mixed_bias, stacked, mixed_weight.transpose(1, 2))
-    # weighted sum of the branch outputs; 2-D column slices of the stack need no copies
     rows = stacked.reshape(batch * positions, n * dim)
-    out = None
-    for k in range(n):
-        w, b = weight[:, k * dim:(k + 1) * dim], bias[:, k]
-        if onednn:
-            y = torch.ops.mkldnn._linear_pointwise(rows[:, k * dim:(k + 1) * dim], w.contiguous(), b.contiguous(), "none", [], "")
-        else:
-            y = F.linear(rows[:, k * dim:(k + 1) * dim], w, b)
-        y = y.view(batch, positions, dim)
-        scale = a[:, None, :, k]
-        out = y * scale if out is None else out.addcmul_(y, scale)
-    return out
+    return _weighted_branch_sum([rows[:, k * dim:(k + 1) * dim] for k in range(n)], a, weight, bias, batch, onednn)
 
+
+def _mix_parts(
+    parts: list[torch.Tensor], a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool, onednn: bool = False
+) -> torch.Tensor:
+    """:func:`_mix` over the branch inputs as separate ``(B, N, C)`` tensors."""
+    batch, positions, dim = parts[0].shape
+    if fold:
+        # the folded bmm as n accumulating bmms, one per branch input (as fast as one over the stack)
+        mixed_weight, mixed_bias = _folded(a, weight, bias)
+        in_place = not torch.is_autocast_enabled(parts[0].device.type)  # autocast casts out-of-place ops only
+        out = mixed_bias
+        for k, part in enumerate(parts):
+            w = mixed_weight[:, :, k * dim:(k + 1) * dim].transpose(1, 2)
+            out = out.baddbmm_(part, w) if k and in_place else torch.baddbmm(out, part, w)
+        return out
+    rows = [part.reshape(batch * positions, dim) for part in parts]
+    return _weighted_branch_sum(rows, a, weight, bias, batch, onednn)
 
 
 def _per_image_backward(positions: int, dim: int) -> bool:
@@ -117,90 +149,104 @@ def _per_image_backward(positions: int, dim: int) -> bool:
     return positions >= 64 and 2 * positions >= dim
 
 
-def _mix_backward_per_image(grad, stacked, a, weight, bias, needs):
-    """Gradients through one per-image product ``g^T @ stack``: no branch output is rebuilt."""
+# ``needs``: whether the gradients of (parts, a, weight, bias) are wanted.
+
+
+def _mix_backward_per_image(grad, parts, a, weight, bias, needs):
+    """Gradients through per-image products ``g^T @ part_k``: no branch output is rebuilt."""
     batch, positions, dim = grad.shape
     n = bias.shape[1]
     w = weight.view(1, dim, n, dim)
-    grad_stacked = grad_a = grad_weight = grad_bias = None
-    if needs[3] or needs[4]:
-        per_image = torch.bmm(grad.transpose(1, 2), stacked).view(batch, dim, n, dim)  # g^T S
+    grad_parts = grad_a = grad_weight = grad_bias = None
+    if needs[1] or needs[2]:
+        grad_t = grad.transpose(1, 2)
+        per_image = torch.stack([torch.bmm(grad_t, part) for part in parts], dim=2)  # (B, C, n, C): g^T S_k
         grad_sum = grad.sum(dim=1)  # (B, C)
-        if needs[3]:
+        if needs[1]:
             grad_a = (per_image * w).sum(dim=-1) + bias * grad_sum.unsqueeze(-1)
-        if needs[4]:
+        if needs[2]:
             grad_weight = (per_image * a.unsqueeze(-1)).sum(dim=0).view(dim, n * dim)
-        if needs[5]:
+        if needs[3]:
             grad_bias = (a * grad_sum.unsqueeze(-1)).sum(dim=0)
-    elif needs[5]:
+    elif needs[3]:
         grad_bias = (a * grad.sum(dim=1).unsqueeze(-1)).sum(dim=0)
     if needs[0]:
         mixed_weight = (w * a.unsqueeze(-1)).view(batch, dim, n * dim)
-        grad_stacked = torch.bmm(grad, mixed_weight)
-    return grad_stacked, grad_a, grad_weight, grad_bias
+        grad_parts = [torch.bmm(grad, mixed_weight[:, :, k * dim:(k + 1) * dim]) for k in range(n)]
+    return grad_parts, grad_a, grad_weight, grad_bias
 
 
-def _mix_backward_per_branch(grad, stacked, a, weight, bias, needs):
+def _mix_backward_per_branch(grad, parts, a, weight, bias, needs):
     """Gradients branch by branch with plain matrix products over all ``B*N`` rows; the
     coefficient gradient needs each branch output, recomputed here."""
     batch, positions, dim = grad.shape
     n = bias.shape[1]
-    rows = stacked.view(batch * positions, n * dim)
-    grad_stacked = rows.new_empty(rows.shape) if needs[0] else None
-    grad_weight = weight.new_empty(weight.shape) if needs[4] else None
-    grad_a = a.new_empty(a.shape) if needs[3] else None
-    grad_bias = bias.new_empty(bias.shape) if needs[5] else None
-    for k in range(n):
+    grad_parts = [] if needs[0] else None
+    grad_weight = weight.new_empty(weight.shape) if needs[2] else None
+    grad_a = a.new_empty(a.shape) if needs[1] else None
+    grad_bias = bias.new_empty(bias.shape) if needs[3] else None
+    for k, part in enumerate(parts):
+        rows = part.reshape(batch * positions, dim)
         cols = slice(k * dim, (k + 1) * dim)
         grad_k = (grad * a[:, None, :, k]).view(batch * positions, dim)  # d out / d y_k
-        if needs[3]:
-            y_k = F.linear(rows[:, cols], weight[:, cols], bias[:, k]).view(batch, positions, dim)
+        if needs[1]:
+            y_k = F.linear(rows, weight[:, cols], bias[:, k]).view(batch, positions, dim)
             grad_a[:, :, k] = (grad * y_k).sum(dim=1)
-        if needs[4]:
-            torch.mm(grad_k.t(), rows[:, cols], out=grad_weight[:, cols])
-        if needs[5]:
+        if needs[2]:
+            torch.mm(grad_k.t(), rows, out=grad_weight[:, cols])
+        if needs[3]:
             grad_bias[:, k] = grad_k.sum(dim=0)
         if needs[0]:
-            torch.mm(grad_k, weight[:, cols], out=grad_stacked[:, cols])
-    if grad_stacked is not None:
-        grad_stacked = grad_stacked.view(batch, positions, n * dim)
-    return grad_stacked, grad_a, grad_weight, grad_bias
+            grad_parts.append((grad_k @ weight[:, cols]).view(batch, positions, dim))
+    return grad_parts, grad_a, grad_weight, grad_bias
 
 
-class _MixBranches(torch.autograd.Function):
+class _MixParts(torch.autograd.Function):
+    """:func:`_mix_parts` keeping only the mixer input for the backward: the shifted branch
+    inputs are rebuilt from it there (a shift costs about one copy)."""
+
     @staticmethod
-    def forward(ctx, stacked, x, tables, a, weight, bias, fold):  # type: ignore[override]
+    def forward(ctx, x, tables, a, weight, bias, fold, *parts):  # type: ignore[override]
         ctx.tables = tables
         ctx.save_for_backward(x, a, weight, bias)
-        return _mix(stacked, a, weight, bias, fold)
+        return _mix_parts(list(parts), a, weight, bias, fold)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, a, weight, bias = ctx.saved_tensors
         batch, positions, dim = grad.shape
-        n = bias.shape[1]
         grad = grad.contiguous()
+        needs = (any(ctx.needs_input_grad[6:]), *ctx.needs_input_grad[2:5])
         # under autocast the saved tensors and the gradient can differ in precision: compute in
         # the gradient's, hand back each gradient in its input's
         dtypes = (a.dtype, weight.dtype, bias.dtype)
         x, a, weight, bias = (t.to(grad.dtype) for t in (x, a, weight, bias))
-        stacked = _gather_shift(x, ctx.tables).view(batch, positions, n * dim)  # recomputed
-        if _per_image_backward(positions, dim):
-            grad_stacked, grad_a, grad_weight, grad_bias = _mix_backward_per_image(
-                grad, stacked, a, weight, bias, ctx.needs_input_grad
-            )
-        else:
-            grad_stacked, grad_a, grad_weight, grad_bias = _mix_backward_per_branch(
-                grad, stacked, a, weight, bias, ctx.needs_input_grad
-            )
+        with torch.no_grad():  # recomputed
+            parts = [eager_shift(x, table).reshape(batch, positions, dim) for table in ctx.tables]
+        backward = _mix_backward_per_image if _per_image_backward(positions, dim) else _mix_backward_per_branch
+        grad_parts, grad_a, grad_weight, grad_bias = backward(grad, parts, a, weight, bias, needs)
         grad_a, grad_weight, grad_bias = (
             g if g is None else g.to(dt) for g, dt in zip((grad_a, grad_weight, grad_bias), dtypes)
         )
-        return grad_stacked, None, None, grad_a, grad_weight, grad_bias, None
+        grad_parts = grad_parts or [None] * len(ctx.tables)
+        return (None, None, grad_a, grad_weight, grad_bias, None, *grad_parts)
 
 
-def mix_branches(
-    stacked: torch.Tensor,
+def eager_mixing() -> bool:
+    """Whether the token mixer may run its eager path (separate branch inputs, custom backward):
+    not under compiling, tracing, scripting or a dispatch mode (FLOP counters, fake tensors), which
+    get the plain graph of :func:`mix_branches` instead."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or _get_current_dispatch_mode() is not None
+    )
+
+
+def mix_parts(
+    parts: list[torch.Tensor],
     x: torch.Tensor,
     tables: tuple[OffsetTable, ...],
     a: torch.Tensor,
@@ -209,22 +255,32 @@ def mix_branches(
     fold: bool,
     onednn: bool = False,
 ) -> torch.Tensor:
-    """``sum_k a[:, None, :, k] * (S_k @ W_k^T + b_k)`` for the stack ``S = [S_1 | ... | S_n]``.
+    """``sum_k a[:, None, :, k] * (S_k @ W_k^T + b_k)`` over the branch inputs ``S_k`` (eager path).
 
     Args:
-        stacked: ``(B, N, n*C)`` shifted inputs of the n branches (``shift_stack(x, tables)``).
-        x: ``(B, H, W, C)`` the mixer input the stack was built from (kept for the backward).
-        tables: the offset tables of the stack.
+        parts: n ``(B, N, C)`` branch inputs, ``S_k = eager_shift(x, tables[k])`` (``x`` itself for
+            a table of zeros).
+        x: ``(B, H, W, C)`` the mixer input they were built from (kept for the backward, which
+            rebuilds them instead of keeping them).
+        tables: the offset tables of the branches.
         a: ``(B, C, n)`` mixing coefficients.
         weight: ``(C, n*C)`` branch weights side by side; bias: ``(C, n)``.
-        fold: compute the forward as one bmm with per-image folded weights (cheaper for small C)
-            instead of n products and a weighted sum.
+        fold: compute the forward with per-image folded weights (cheaper for small C) instead of
+            n products and a weighted sum.
         onednn: inference only, run the n products as oneDNN kernels (see :func:`use_onednn`).
     Returns ``(B, N, C)``.
     """
-    if _plain_graph():
-        return _mix(stacked, a, weight, bias, fold, onednn)
-    return _MixBranches.apply(stacked, x, tables, a, weight, bias, fold)
+    if not torch.is_grad_enabled():
+        return _mix_parts(parts, a, weight, bias, fold, onednn)
+    return _MixParts.apply(x, tables, a, weight, bias, fold, *parts)
+
+
+def mix_branches(
+    stacked: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool
+) -> torch.Tensor:
+    """The same sum over the stack ``S = [S_1 | ... | S_n]`` ``(B, N, n*C)`` of ``shift_stack``,
+    as plain ops that autograd differentiates: the graph that export, compile and tracing see."""
+    return _mix(stacked, a, weight, bias, fold)
 
 
 class _GeluLinear(torch.autograd.Function):

@@ -34,8 +34,8 @@ from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
-from .cycle_fc import CycleFC, Pattern, normalize_stepsize, shift_stack
-from .functional import gelu_linear, linear, mix_branches, use_onednn
+from .cycle_fc import CycleFC, Pattern, eager_shift, normalize_stepsize, shift_stack
+from .functional import eager_mixing, gelu_linear, linear, mix_branches, mix_parts, use_onednn
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
 
@@ -115,10 +115,11 @@ class CycleMixer(nn.Module):
     ``a = softmax over branches of reweight(mean_HW(h + w + c))``; ``out = proj(a_h*h + a_w*w + a_c*c)``.
     ``branches`` selects a subset of the three branches (for ablations).
 
-    The forward computes exactly that, arranged for speed: one gather builds the shifted inputs of
-    all branches side by side, ``X = [shift_w(x), shift_h(x), x]`` (B, HW, 3C). Every branch is
+    The forward computes exactly that, arranged for speed. The branches' shifted inputs are
+    ``X = [shift_w(x), shift_h(x), x]`` (eagerly: two one-hot depthwise convolutions and ``x``
+    itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch is
     linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and the
-    softmax-weighted sum of the branch outputs is one batched matrix product of ``X`` with
+    softmax-weighted sum of the branch outputs is a batched matrix product of ``X`` with
     per-image weights ``a_k[o] * W_k[o, i]`` — no branch output is ever materialised.
     """
 
@@ -158,21 +159,33 @@ class CycleMixer(nn.Module):
         batch, height, width, dim = x.shape
         layers = self._branch_layers()
         n = len(layers)
-        stacked = shift_stack(x, self.offset_tables).reshape(batch, height * width, n * dim)
         weight = torch.cat([fc.weight for fc in layers], dim=1)  # (C, n*C)
         bias = torch.stack(
             [fc.bias if fc.bias is not None else torch.zeros_like(fc.weight[:, 0]) for fc in layers], dim=1
         )  # (C, n)
+        # small dims: per-image folded weights; large dims (where per-image weights would outweigh
+        # the activations): n products and a weighted sum
+        fold = self.dim <= self.fold_max_dim
+        eager = eager_mixing()
+        if eager:
+            # the shifted inputs of the branches as separate tensors (a shift is one depthwise
+            # convolution on CPU, the unshifted branch reads x itself)
+            parts = [eager_shift(x, table).reshape(batch, height * width, dim) for table in self.offset_tables]
+            means = torch.cat([part.mean(dim=1) for part in parts], dim=1)
+        else:
+            # graph mode (export, compile, tracing): one gather builds them side by side
+            stacked = shift_stack(x, self.offset_tables).reshape(batch, height * width, n * dim)
+            means = stacked.mean(dim=1)
         # mean over positions of the summed branch outputs, without computing them
-        pooled = F.linear(stacked.mean(dim=1), weight, bias.sum(dim=1))
+        pooled = F.linear(means, weight, bias.sum(dim=1))
         # reweight's output index is channel * n + branch
         # softmax over the n branches, taken across the (B, n, C) view: torch's softmax over a
         # last dimension of size 3 is an order of magnitude slower than over a middle one
         a = self.reweight(pooled).reshape(batch, dim, n).transpose(1, 2).softmax(dim=1).transpose(1, 2)  # (B, C, n)
-        # small dims: one bmm with per-image folded weights; large dims (where per-image weights
-        # would outweigh the activations): n products and a weighted sum
-        fold = self.dim <= self.fold_max_dim
-        out = mix_branches(stacked, x, self.offset_tables, a, weight, bias, fold, onednn)
+        if eager:
+            out = mix_parts(parts, x, self.offset_tables, a, weight, bias, fold, onednn)
+        else:
+            out = mix_branches(stacked, a, weight, bias, fold)
         return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
 
     def forward_plain(
