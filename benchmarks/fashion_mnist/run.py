@@ -15,7 +15,7 @@ schedule and batch (the ``fashion-mnist`` recipe), same seed.
 
 Budget: minutes of CPU time per model — on an idle machine with one training thread, wall-clock
 minutes. Before any training, every model's training throughput (images per CPU second: a few
-optimizer steps at the real input size) is measured, back to back; the budget then becomes a
+optimizer steps at the real input size, after warm-up steps) is measured, back to back; the budget then becomes a
 number of training images (85 % of budget x throughput; the rest pays for evaluation), split into ``epochs`` rounds of
 ``samples_per_epoch`` images, each followed by an evaluation on the 10,000 test images, under a
 cosine schedule that ends exactly at the budget. The plan is stored, so an interrupted benchmark
@@ -91,20 +91,22 @@ def entries(names: list[str], cyclemlp_kwargs: dict[str, Any] | None) -> list[En
     return out
 
 
-def measure_throughput(entry: Entry, img_size: int, batch_size: int, threads: int, steps: int = 6) -> float:
+def measure_throughput(entry: Entry, img_size: int, batch_size: int, threads: int, steps: int = 20,
+                       warmup: int = 4) -> float:
     """Training images per CPU second of ``entry`` (forward, backward, AdamW step) at ``img_size``.
 
     CPU time of this process, not wall time: on a shared machine the wall time depends on what
     else runs, the CPU time a model needs much less (with one thread it is the wall time of an
-    idle machine)."""
+    idle machine). ``warmup`` steps first (allocation, oneDNN kernel selection), then ``steps``
+    timed ones: 6 timed steps after 2 had misjudged a steady speed by about 10 %."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(entry.model, num_classes=10, in_chans=1, **entry.kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the training runs' step
     images, targets = torch.randn(batch_size, 1, img_size, img_size), torch.randint(0, 10, (batch_size,))
     model.train()
-    for i in range(steps + 2):
-        if i == 2:  # the first steps allocate and warm up
+    for i in range(steps + warmup):
+        if i == warmup:
             start = time.process_time()
         loss = torch.nn.functional.cross_entropy(model(images), targets)
         optimizer.zero_grad()
