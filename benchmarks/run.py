@@ -73,6 +73,27 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                       warmup: int = 2) -> dict[str, float]:
+    """Median wall time in seconds of each of ``fns``, timed in turns (one call of each per round).
+
+    On a shared machine the cost of memory (page faults as freed blocks go back to the system,
+    other programs' traffic) drifts over seconds; taking turns exposes every contestant to the same
+    drift, so the ratios between them hold where back-to-back blocks of calls differ by up to 2x."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def matmul_peak(device: torch.device, repeats: int) -> float:
     """fp32 GEMM throughput in GFLOP/s: the best of a few large square products."""
     best = 0.0
@@ -165,31 +186,33 @@ def train_step_peak_mb(name: str, batch: int, device: torch.device) -> float | N
 
 
 def bench_cycle_fc(batches: list[int], device: torch.device, repeats: int) -> list[dict]:
-    """Cycle FC (1x3, official pattern) vs the deform formulation vs a plain Linear."""
+    """Cycle FC (1x3, official pattern) vs the deform formulation vs a plain Linear, the three
+    timed in turns (:func:`timeit_interleaved`, at least 9 rounds)."""
     rows = []
     for batch in batches:
         for side, dim in B1_STAGES:
             layers = {
-                "cyclemlp": CycleFC(dim, dim, (1, 3)),
-                "deform_conv2d": DeformCycleFC(dim, dim, (1, 3)),
-                "linear": nn.Linear(dim, dim),
+                "cyclemlp": CycleFC(dim, dim, (1, 3)).to(device),
+                "deform_conv2d": DeformCycleFC(dim, dim, (1, 3)).to(device),
+                "linear": nn.Linear(dim, dim).to(device),
             }
             x = torch.randn(batch, side, side, dim, device=device)
             # the least a shift adds to a product: one copy of the activation forward and one of
             # its gradient backward (a BLAS product cannot read per-channel shifted operands)
             buffer = torch.empty_like(x)
             copy_ms = timeit(lambda: buffer.copy_(x), device, repeats) * 1e3
-            for impl, layer in layers.items():
-                layer = layer.to(device)
-                with torch.no_grad():
-                    fwd = timeit(lambda: layer(x), device, repeats)
-                xg = x.clone().requires_grad_(True)
-                grad = torch.randn(batch, side, side, dim, device=device)
-                fwd_bwd = timeit(lambda: layer(xg).backward(grad), device, repeats)
+            with torch.no_grad():
+                fwd = timeit_interleaved({impl: (lambda layer=layer: layer(x)) for impl, layer in layers.items()},
+                                         device, max(repeats, 9))
+            xg = x.clone().requires_grad_(True)
+            grad = torch.randn(batch, side, side, dim, device=device)
+            fwd_bwd = timeit_interleaved(
+                {impl: (lambda layer=layer: layer(xg).backward(grad)) for impl, layer in layers.items()},
+                device, max(repeats, 9))
+            for impl in layers:
                 rows.append(dict(batch=batch, shape=f"{side}x{side}x{dim}", impl=impl,
-                                 fwd_ms=fwd * 1e3, fwd_bwd_ms=fwd_bwd * 1e3))
-                if impl == "linear":
-                    rows[-1]["copy_ms"] = copy_ms
+                                 fwd_ms=fwd[impl] * 1e3, fwd_bwd_ms=fwd_bwd[impl] * 1e3))
+            rows[-1]["copy_ms"] = copy_ms
     return rows
 
 
