@@ -162,7 +162,7 @@ def test_conv_shift_equals_the_copy(batch, h, w, channels, step, pattern):
     torch.testing.assert_close(_shift._conv_shift(x, table), _shift._gather_shift(x, (table,)), rtol=0, atol=0)
 
 
-def test_conv_shift_use_and_limits(monkeypatch):
+def test_conv_shift_use_and_limits():
     table = _shift._offsets(8, (1, 3), "official")
     x = torch.randn(2, 4, 5, 8)
     assert _shift._conv_shift_applies(x, table)
@@ -180,8 +180,14 @@ def test_conv_shift_use_and_limits(monkeypatch):
     assert y.grad is not None
     # reduced-precision fp32 convolutions chosen by the user would round the shifted values
     if hasattr(torch.backends.mkldnn, "conv"):
-        monkeypatch.setattr(torch.backends.mkldnn.conv, "fp32_precision", "bf16")
-        assert not _shift._conv_shift_applies(x, table)
+        conv = torch.backends.mkldnn.conv  # a settings object: monkeypatch cannot restore it
+        saved = conv.fp32_precision
+        try:
+            conv.fp32_precision = "bf16"
+            assert not _shift._conv_shift_applies(x, table)
+        finally:
+            conv.fp32_precision = saved
+        assert _shift._conv_shift_applies(x, table)
 
 
 def test_shift_reads_zero_outside():
