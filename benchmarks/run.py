@@ -233,30 +233,37 @@ def product_ceilings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats
 
 def bench_models(names: list[str], batch: int, device: torch.device, repeats: int,
                  train_repeats: int, memory: bool) -> list[dict]:
-    rows = []
+    """Whole models: all built first, then inference, latency and training timed in turns
+    (:func:`timeit_interleaved`), so that the machine's drift hits every model alike."""
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    x1 = x[:1].clone()
+    y = torch.randint(0, 1000, (batch,), device=device)
+    models = {}
     for name in names:
         torch.manual_seed(0)
-        model = build(name).to(device).eval()
-        x = torch.randn(batch, 3, 224, 224, device=device)
-        x1 = x[:1].clone()
-        with torch.no_grad():
-            infer = timeit(lambda: model(x), device, repeats)
-            latency = timeit(lambda: model(x1), device, max(repeats, 5))
+        models[name] = build(name).to(device).eval()
+    with torch.no_grad():
+        infer = timeit_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, device, repeats)
+        latency = timeit_interleaved({n: (lambda m=m: m(x1)) for n, m in models.items()}, device, max(repeats, 5))
+    optimizers = {}
+    for name, model in models.items():
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        y = torch.randint(0, 1000, (batch,), device=device)
-        train = timeit(lambda: _train_step(model, optimizer, x, y), device, train_repeats)
+        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train = timeit_interleaved(
+        {n: (lambda m=m, o=optimizers[n]: _train_step(m, o, x, y)) for n, m in models.items()},
+        device, train_repeats, warmup=1)
+    rows = []
+    for name, model in models.items():
         flops = nominal_flops(name)
         rows.append(dict(
             model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-            gflops_per_img=flops / 1e9, infer_img_s=batch / infer, latency_ms=latency * 1e3,
-            train_img_s=batch / train, achieved_gflop_s=flops * batch / infer / 1e9,
+            gflops_per_img=flops / 1e9, infer_img_s=batch / infer[name], latency_ms=latency[name] * 1e3,
+            train_img_s=batch / train[name], achieved_gflop_s=flops * batch / infer[name] / 1e9,
             train_peak_mb=train_step_peak_mb(name, batch, device) if memory else None,
         ))
         if name.startswith("cyclemlp"):
             rows[-1].update(product_ceilings(model, x, y, repeats, train_repeats))
         print(f"  {name}: {rows[-1]['infer_img_s']:.2f} img/s", flush=True)
-        del model, optimizer
     return rows
 
 
