@@ -1,5 +1,5 @@
 """The two backward strategies of the token mixer's branch mix (``cyclemlp.functional``), timed
-at the same shapes in one run, to place the switch ``_PER_IMAGE_MIN_POSITIONS``.
+at the same shapes in one run, to place the switch ``_per_image_backward``.
 
     python -m benchmarks.mix_backward [--threads 2] [--batch 32]
 

@@ -107,9 +107,7 @@ def _folded(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[
     return mixed_weight, (a * bias).sum(dim=-1).unsqueeze(1)
 
 
-def _mix(
-    stacked: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool, onednn: bool = False
-) -> torch.Tensor:
+def _mix(stacked: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool) -> torch.Tensor:
     batch, positions, _ = stacked.shape
     dim, n = bias.shape
     if fold:
@@ -117,7 +115,7 @@ def _mix(
         mixed_weight, mixed_bias = _folded(a, weight, bias)
         return torch.baddbmm(mixed_bias, stacked, mixed_weight.transpose(1, 2))
     rows = stacked.reshape(batch * positions, n * dim)
-    return _weighted_branch_sum([rows[:, k * dim:(k + 1) * dim] for k in range(n)], a, weight, bias, batch, onednn)
+    return _weighted_branch_sum([rows[:, k * dim:(k + 1) * dim] for k in range(n)], a, weight, bias, batch, False)
 
 
 def _mix_parts(
