@@ -13,14 +13,19 @@ from cyclemlp import CycleFC, cycle_fc, cycle_offsets, cycle_shift
 _shift = importlib.import_module("cyclemlp.cycle_fc")
 
 
+def _clear_kernels() -> None:
+    _shift._conv_kernel.cache_clear()
+    _shift._TABLE_INFO.clear()
+
+
 @pytest.fixture(params=["conv", "sliced", "gather"])
 def kernel(request, monkeypatch):
     """Run a test with each eager shift kernel (depthwise convolution where it applies, else slice
     copies or gather; or slice copies / gather only), whatever the size."""
     if request.param != "conv":
         monkeypatch.setattr(_shift, "_CONV_MAX_TAPS", 0)
-        _shift._conv_kernel.cache_clear()
-        request.addfinalizer(_shift._conv_kernel.cache_clear)
+        _clear_kernels()
+        request.addfinalizer(_clear_kernels)
     monkeypatch.setattr(_shift, "_SLICED_MAX_ELEMENTS", 1 << 62 if request.param == "sliced" else -1)
     return request.param
 
@@ -156,6 +161,9 @@ def test_conv_shift_equals_the_copy(batch, h, w, channels, step, pattern):
     table = _shift._offsets(channels, step, pattern)
     x = torch.randn(batch, h, w, channels)
     x[x.abs() < 0.1] = -0.0
+    if not any(dy or dx for dy, dx in table):  # nothing to shift: the input itself
+        assert _shift.eager_shift(x, table) is x
+        return
     if not _shift._conv_shift_applies(x, table):
         # only too many taps (or a torch without oneDNN) rule it out
         assert _shift._conv_kernel(table) is None or not torch.backends.mkldnn.is_available()
@@ -171,7 +179,7 @@ def test_conv_shift_use_and_limits():
     assert not _shift._conv_shift_applies(x.double(), table)  # float32 only
     assert _shift._conv_kernel(_shift._offsets(40, (1, 17), "official")) is None  # 17 taps: copy instead
     # a kernel first built under inference_mode still serves autograd afterwards
-    _shift._conv_kernel.cache_clear()
+    _clear_kernels()
     layer = CycleFC(8, 4, (3, 1))
     with torch.inference_mode():
         expected = layer(x)

@@ -181,8 +181,7 @@ def _conv_shift_applies(x: torch.Tensor, table: OffsetTable) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and _fp32_convs_exact()):
         return False
-    kernel = _conv_kernel(table)
-    return kernel is not None
+    return _table_info(table)[2] is not None
 
 
 @functools.lru_cache(maxsize=256)
@@ -203,17 +202,34 @@ def _conv_kernel(table: OffsetTable) -> tuple[torch.Tensor, tuple[int, int]] | N
 def _conv_shift(x: torch.Tensor, table: OffsetTable) -> torch.Tensor:
     """``x`` (B, H, W, C) shifted by one offset table as a one-hot depthwise convolution; returns a
     contiguous (B, H, W, C) tensor. Differentiable (the backward is the adjoint convolution)."""
-    kernel, padding = _conv_kernel(table)  # type: ignore[misc]
+    kernel, padding = _table_info(table)[2]  # type: ignore[misc]
     nchw = x.contiguous().permute(0, 3, 1, 2)  # a channels-last NCHW view, no copy
     return F.conv2d(nchw, kernel, padding=padding, groups=x.shape[-1]).permute(0, 2, 3, 1)
+
+
+# Per offset-table object: (the table, whether it is all zeros, its one-hot kernel or None). Keyed
+# by identity, so the hot path neither scans nor hashes the C pairs on every call (the entry keeps
+# the table, so its id cannot be reused while the entry lives).
+_TABLE_INFO: dict[int, tuple[OffsetTable, bool, tuple[torch.Tensor, tuple[int, int]] | None]] = {}
+
+
+def _table_info(table: OffsetTable) -> tuple[OffsetTable, bool, tuple[torch.Tensor, tuple[int, int]] | None]:
+    entry = _TABLE_INFO.get(id(table))
+    if entry is None or entry[0] is not table:
+        if len(_TABLE_INFO) >= 1024:
+            _TABLE_INFO.clear()
+        zero = not any(dy or dx for dy, dx in table)
+        entry = _TABLE_INFO[id(table)] = (table, zero, None if zero else _conv_kernel(table))
+    return entry
 
 
 def eager_shift(x: torch.Tensor, table: OffsetTable) -> torch.Tensor:
     """One offset table in eager mode, differentiable: ``x`` itself for a table of zeros, the
     depthwise convolution on CPU float32, the gather/slice kernels elsewhere."""
-    if not any(dy or dx for dy, dx in table):
+    _, zero, kernel = _table_info(table)
+    if zero:
         return x
-    if _conv_shift_applies(x, table):
+    if kernel is not None and _conv_shift_applies(x, table):
         return _conv_shift(x, table)
     return _ShiftStack.apply(x, (table,))
 
