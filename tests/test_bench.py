@@ -99,3 +99,29 @@ def test_recorded_products_are_the_models_work():
     assert len(train_calls) > len(calls)
     with pytest.raises(ValueError, match="no matrix product"):
         record_products(lambda: torch.ones(3) + 1)
+
+
+def test_op_breakdown_finds_every_kind_in_a_cyclemlp_step():
+    import timm
+    import torch
+
+    from benchmarks.op_breakdown import KINDS, breakdown, kind
+
+    # a depthwise convolution is a shift; any other convolution is a product
+    assert kind("aten::mkldnn_convolution", [[2, 8, 5, 5], [8, 1, 1, 3], [8]]) == "shifts"
+    assert kind("aten::mkldnn_convolution", [[2, 3, 5, 5], [8, 3, 7, 7], [8]]) == "matrix products"
+    assert kind("aten::baddbmm_", [[4, 9, 8]]) == "matrix products"
+    assert kind("aten::native_layer_norm", [[2, 4, 4, 8]]) == "LayerNorm"
+    torch.manual_seed(0)
+    model = timm.create_model("cyclemlp_b1", dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    times = breakdown(step, steps=1)
+    assert list(times) == list(KINDS)
+    assert all(times[name] > 0 for name in ("matrix products", "shifts", "LayerNorm", "GELU", "optimizer step"))

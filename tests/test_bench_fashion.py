@@ -67,3 +67,25 @@ def test_two_jobs_give_the_table_and_a_rerun_trains_nothing(tmp_path):
     again = _bench(*args)  # sequential, everything already trained: nothing is retrained
     assert again.returncode == 0 and (tmp_path / "cyclemlp" / "model.safetensors").stat().st_mtime_ns == weights
     assert json.loads((tmp_path / "results.json").read_text())["results"] == rows
+
+
+def test_a_run_folder_of_other_model_arguments_is_refused(tmp_path):
+    from benchmarks.fashion_mnist.run import CYCLEMLP, Entry, check_same_model
+
+    folder = tmp_path / "cyclemlp"
+    folder.mkdir()
+    check_same_model(CYCLEMLP, folder)  # nothing there yet
+    # a folder from before plans named their model: its training configuration says which it is
+    (folder / "config.json").write_text(json.dumps(dict(config=dict(model="cyclemlp_b1", model_kwargs=dict(
+        dims=[48, 96, 192, 384], depths=[1, 1, 2, 1])))))
+    check_same_model(CYCLEMLP, folder)  # tuples and JSON lists are the same arguments
+    other = Entry("cyclemlp", "cyclemlp_b1", dict(dims=(24, 48, 96, 192), depths=(1, 1, 2, 1), stem_stride=2))
+    with pytest.raises(SystemExit, match=r"holds a run of cyclemlp_b1 with arguments .*48, 96.*not cyclemlp_b1"):
+        check_same_model(other, folder)
+    (folder / "plan.json").write_text(json.dumps(dict(epochs=2, model="cyclemlp_b1", kwargs=dict(
+        dims=[24, 48, 96, 192], depths=[1, 1, 2, 1], stem_stride=2))))
+    check_same_model(other, folder)  # the plan, written first, decides
+    with pytest.raises(SystemExit, match="stem_stride"):
+        check_same_model(CYCLEMLP, folder)
+    done = _bench("--models", "cyclemlp", "--output", str(tmp_path))
+    assert done.returncode == 1 and "pass those arguments to continue it, or another --output" in done.stderr

@@ -148,11 +148,33 @@ def config_for(entry: Entry, run_plan: dict[str, Any], out: Path, args: argparse
 def plan_entry(entry: Entry, args: argparse.Namespace) -> dict[str, Any]:
     """The stored plan of ``entry``, measured now if there is none."""
     plan_path = Path(args.output) / entry.name / "plan.json"
+    check_same_model(entry, plan_path.parent)
     if plan_path.exists():
         return json.loads(plan_path.read_text())
     run_plan = plan(entry, args.budget_min * 60, args)
+    run_plan.update(model=entry.model, kwargs=entry.kwargs)
     atomic_write(plan_path, lambda tmp: Path(tmp).write_text(json.dumps(run_plan, indent=1)))
     return run_plan
+
+
+def check_same_model(entry: Entry, folder: Path) -> None:
+    """Stop if ``folder`` holds a run of another model or other arguments than ``entry`` (its plan or
+    its training configuration says which): continuing it, or reporting its result under
+    ``entry``'s name and size, would mix two models."""
+    made = None
+    for path, model_key, kwargs_key in ((folder / "plan.json", "model", "kwargs"),
+                                        (folder / "config.json", "model", "model_kwargs")):
+        if path.exists():
+            stored = json.loads(path.read_text())
+            stored = stored.get("config", stored)
+            if model_key in stored:
+                made = (stored[model_key], stored.get(kwargs_key, {}))
+                break
+    wanted = (entry.model, json.loads(json.dumps(entry.kwargs)))  # tuples as JSON lists
+    if made is not None and (made[0], made[1]) != wanted:
+        raise SystemExit(f"{folder} holds a run of {made[0]} with arguments {json.dumps(made[1])}, not "
+                         f"{entry.model} with {json.dumps(wanted[1])}; pass those arguments to continue it, "
+                         f"or another --output")
 
 
 def run_entry(entry: Entry, args: argparse.Namespace) -> dict[str, Any]:
