@@ -56,15 +56,20 @@ def kind(name: str, shapes: list) -> str:
     return "everything else"
 
 
-def breakdown(fn, steps: int) -> dict[str, float]:
-    """Seconds per call of ``fn`` by kind of operator (self time; one unprofiled warm-up call)."""
+def breakdown(fn, steps: int, top: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds per call of ``fn`` by kind of operator (self time; one unprofiled warm-up call).
+    ``top``, if given, receives the seconds per call of every operator of "everything else"."""
     fn()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             fn()
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages(group_by_input_shape=True):
-        totals[kind(event.key, event.input_shapes)] += event.self_cpu_time_total / 1e6 / steps
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        what = kind(event.key, event.input_shapes)
+        totals[what] += seconds
+        if top is not None and what == "everything else":
+            top[event.key] = top.get(event.key, 0.0) + seconds
     return {name: totals.get(name, 0.0) for name in KINDS}
 
 
@@ -75,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=3, help="profiled calls of each (default 3)")
+    parser.add_argument("--top", type=int, default=8, help='operators of "everything else" listed (default 8)')
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.img_size < 1:
-        parser.error("--batch, --steps and --img-size must be positive")
+    if args.batch < 1 or args.steps < 1 or args.img_size < 1 or args.top < 0:
+        parser.error("--batch, --steps and --img-size must be positive, --top not negative")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(args.model)
@@ -94,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
+    infer_top: dict[str, float] = {}
+    train_top: dict[str, float] = {}
     model.eval()
-    infer = breakdown(inference, args.steps)
+    infer = breakdown(inference, args.steps, infer_top)
     model.train()
-    train = breakdown(train_step, args.steps)
+    train = breakdown(train_step, args.steps, train_top)
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.threads} threads; operator self time "
           f"in ms per image and share ({args.steps} profiled calls each)")
     print(f"{'kind':<18} {'inference ms':>13} {'share':>7} {'training ms':>12} {'share':>7}")
@@ -107,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{train[name] / args.batch * 1e3:12.2f} {train[name] / train_total:7.1%}")
     print(f"{'total':<18} {infer_total / args.batch * 1e3:13.2f} {1:7.1%} {train_total / args.batch * 1e3:12.2f} "
           f"{1:7.1%}")
+    for title, top, total in (("inference", infer_top, infer_total), ("training", train_top, train_total)):
+        if args.top and top:
+            print(f"\neverything else, {title}: the {args.top} largest operators (share of the total)")
+            for name, seconds in sorted(top.items(), key=lambda item: -item[1])[:args.top]:
+                print(f"  {name:<60} {seconds / total:7.1%}")
 
 
 if __name__ == "__main__":

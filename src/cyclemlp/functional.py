@@ -151,26 +151,33 @@ def _per_image_backward(positions: int, dim: int) -> bool:
 
 
 def _mix_backward_per_image(grad, parts, a, weight, bias, needs):
-    """Gradients through per-image products ``g^T @ part_k``: no branch output is rebuilt."""
+    """Gradients through per-image products ``g^T @ part_k``: no branch output is rebuilt.
+
+    Branch by branch, so that the elementwise work runs over contiguous (B, C, C) products (one
+    stacked (B, C, n, C) tensor, broadcast across the branch axis, cost twice the time at B1's
+    third stage, batch 32: benchmarks/mix_backward.py)."""
     batch, positions, dim = grad.shape
-    n = bias.shape[1]
-    w = weight.view(1, dim, n, dim)
-    grad_parts = grad_a = grad_weight = grad_bias = None
-    if needs[1] or needs[2]:
-        grad_t = grad.transpose(1, 2)
-        per_image = torch.stack([torch.bmm(grad_t, part) for part in parts], dim=2)  # (B, C, n, C): g^T S_k
-        grad_sum = grad.sum(dim=1)  # (B, C)
-        if needs[1]:
-            grad_a = (per_image * w).sum(dim=-1) + bias * grad_sum.unsqueeze(-1)
-        if needs[2]:
-            grad_weight = (per_image * a.unsqueeze(-1)).sum(dim=0).view(dim, n * dim)
-        if needs[3]:
-            grad_bias = (a * grad_sum.unsqueeze(-1)).sum(dim=0)
-    elif needs[3]:
-        grad_bias = (a * grad.sum(dim=1).unsqueeze(-1)).sum(dim=0)
-    if needs[0]:
-        mixed_weight = (w * a.unsqueeze(-1)).view(batch, dim, n * dim)
-        grad_parts = [torch.bmm(grad, mixed_weight[:, :, k * dim:(k + 1) * dim]) for k in range(n)]
+    grad_parts = [] if needs[0] else None
+    grad_a = a.new_empty(a.shape) if needs[1] else None
+    grad_weight = weight.new_empty(weight.shape) if needs[2] else None
+    grad_bias = None
+    grad_t = grad.transpose(1, 2)
+    grad_sum = grad.sum(dim=1) if needs[1] or needs[3] else None  # (B, C)
+    for k, part in enumerate(parts):
+        w_k, a_k = weight[:, k * dim:(k + 1) * dim], a[:, :, k]
+        if needs[1] or needs[2]:
+            per_image = torch.bmm(grad_t, part)  # (B, C, C): g^T S_k
+            if needs[1]:
+                grad_a[:, :, k] = (per_image * w_k).sum(dim=-1)
+            if needs[2]:
+                grad_weight[:, k * dim:(k + 1) * dim] = (per_image * a_k.unsqueeze(-1)).sum(dim=0)
+            del per_image
+        if needs[0]:
+            grad_parts.append(torch.bmm(grad, w_k.unsqueeze(0) * a_k.unsqueeze(-1)))
+    if needs[1]:
+        grad_a += bias * grad_sum.unsqueeze(-1)
+    if needs[3]:
+        grad_bias = (a * grad_sum.unsqueeze(-1)).sum(dim=0)
     return grad_parts, grad_a, grad_weight, grad_bias
 
 
