@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             for setting, env in (("default", base_env), ("kept", {**base_env, **KEEP_HEAP})):
                 cmd = [sys.executable, "-m", "benchmarks.allocator", "--child", name, "--batch", str(args.batch),
                        "--steps", str(args.steps), "--threads", str(args.threads)]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+                    raise SystemExit(f"the {setting} run of {name} failed (exit status {done.returncode}):\n{tail}")
                 measured = json.loads(done.stdout.strip().splitlines()[-1])
                 if measured.pop("heap_kept") != (setting == "kept"):
                     raise SystemExit(f"the {setting} run of {name} did not get the allocator settings it was started with")

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.img_size < 1 or args.top < 0:
         parser.error("--batch, --steps and --img-size must be positive, --top not negative")
+    if not timm.is_model(args.model):
+        parser.error(f"unknown model {args.model!r}: not a timm model name")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(args.model)

@@ -144,3 +144,6 @@ def test_allocator_benchmark_alternates_the_two_settings():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.allocator", "--rounds", "0"], cwd=ROOT, env=cli_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "must be positive" in bad.stderr
+    unknown = subprocess.run([sys.executable, "-m", "benchmarks.op_breakdown", "--model", "no_such_net"], cwd=ROOT,
+                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "unknown model 'no_such_net'" in unknown.stderr

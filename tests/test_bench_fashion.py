@@ -89,3 +89,6 @@ def test_a_run_folder_of_other_model_arguments_is_refused(tmp_path):
         check_same_model(CYCLEMLP, folder)
     done = _bench("--models", "cyclemlp", "--output", str(tmp_path))
     assert done.returncode == 1 and "pass those arguments to continue it, or another --output" in done.stderr
+    (folder / "plan.json").write_text('{"epochs": 2, "mod')  # cut short by hand
+    with pytest.raises(SystemExit, match=r"plan.json cannot be read .*move the folder aside"):
+        check_same_model(CYCLEMLP, folder)

@@ -247,7 +247,9 @@ def test_mix_backward_strategies_agree_for_any_wanted_gradients(needs):
         if not wanted:  # not computed
             assert x is None and y is None
             continue
-        for u, v in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
+        xs, ys = (x, y) if isinstance(x, list) else ([x], [y])
+        assert len(xs) == len(ys) == (n if isinstance(x, list) else 1)
+        for u, v in zip(xs, ys):
             torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
 
 

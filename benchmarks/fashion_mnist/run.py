@@ -165,8 +165,11 @@ def check_same_model(entry: Entry, folder: Path) -> None:
     for path, model_key, kwargs_key in ((folder / "plan.json", "model", "kwargs"),
                                         (folder / "config.json", "model", "model_kwargs")):
         if path.exists():
-            stored = json.loads(path.read_text())
-            stored = stored.get("config", stored)
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"{path} cannot be read ({err}); move the folder aside or pass another --output") from err
+            stored = stored.get("config", stored) if isinstance(stored, dict) else {}
             if model_key in stored:
                 made = (stored[model_key], stored.get(kwargs_key, {}))
                 break

@@ -154,8 +154,8 @@ def _mix_backward_per_image(grad, parts, a, weight, bias, needs):
     """Gradients through per-image products ``g^T @ part_k``: no branch output is rebuilt.
 
     Branch by branch, so that the elementwise work runs over contiguous (B, C, C) products (one
-    stacked (B, C, n, C) tensor, broadcast across the branch axis, cost twice the time at B1's
-    third stage, batch 32: benchmarks/mix_backward.py)."""
+    stacked (B, C, n, C) tensor, broadcast across the branch axis, took 1.44x the time at B1's
+    third stage, batch 32, one thread: benchmarks/mix_backward.py)."""
     batch, positions, dim = grad.shape
     grad_parts = [] if needs[0] else None
     grad_a = a.new_empty(a.shape) if needs[1] else None
