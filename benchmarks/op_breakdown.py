@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import cyclemlp  # noqa: F401  (registers the models)
+from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice
 
 PRODUCT_NAMES = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
                  "mkldnn::_linear_pointwise",
@@ -81,11 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=3, help="profiled calls of each (default 3)")
     parser.add_argument("--top", type=int, default=8, help='operators of "everything else" listed (default 8)')
+    add_malloc_argument(parser, fallback="default")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.img_size < 1 or args.top < 0:
         parser.error("--batch, --steps and --img-size must be positive, --top not negative")
     if not timm.is_model(args.model):
         parser.error(f"unknown model {args.model!r}: not a timm model name")
+    try:
+        apply_malloc_choice(args.malloc, fallback="default")
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(args.model)

@@ -45,6 +45,7 @@ from benchmarks.deform_reference import DeformCycleFC, deform_model  # noqa: E40
 from benchmarks.gemm_bound import ceiling_seconds, record_products, replay_seconds  # noqa: E402
 from cyclemlp import CycleFC, count_cost  # noqa: E402
 from cyclemlp.checkpoint import atomic_write  # noqa: E402
+from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice, malloc_in_force  # noqa: E402
 
 B1_STAGES = [(56, 64), (28, 128), (14, 320), (7, 512)]  # (side, channels) of B1 at 224
 PEERS = ["pvt_v2_b1", "pvt_v2_b2", "resnet50", "swin_tiny_patch4_window7_224", "convnext_tiny", "poolformer_s24"]
@@ -131,9 +132,11 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     optimizer.zero_grad(set_to_none=True)
 
 
-def _memory_probe(name: str, batch: int, device: str, queue: mp.Queue) -> None:
-    """In a fresh process: the peak memory one training step adds on top of the model, its
-    gradients' absence and the AdamW state (activations, gradients, temporaries)."""
+def _memory_probe(name: str, batch: int, device: str, malloc: str, queue: mp.Queue) -> None:
+    """In a fresh process with the allocator setting ``malloc``: the peak memory one training step
+    adds on top of the model, its gradients' absence and the AdamW state (activations, gradients,
+    temporaries)."""
+    apply_malloc_choice(malloc)
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build(name).to(dev).train()
@@ -179,7 +182,7 @@ def train_step_peak_mb(name: str, batch: int, device: torch.device) -> float | N
         return None
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_probe, args=(name, batch, str(device), queue))
+    proc = ctx.Process(target=_memory_probe, args=(name, batch, str(device), malloc_in_force(), queue))
     proc.start()
     proc.join()
     return queue.get(timeout=5) / 2**20 if proc.exitcode == 0 else None
@@ -391,7 +394,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def write_report(results: dict, output: Path) -> str:
     env = results["environment"]
     parts = [
-        f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads, device {env['device']}; "
+        f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads, device {env['device']}, "
+        f"allocator {env.get('malloc', 'default')}; "
         f"fp32 matmul peak {results['matmul_peak_gflop_s']:.1f} GFLOP/s (measured in this run).",
         f"Command: `{env['command']}`",
         "",
@@ -490,6 +494,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the training-step memory probes")
+    add_malloc_argument(parser, fallback="default")
     parser.add_argument("--report-from", metavar="RESULTS_JSON",
                         help="measure nothing: re-derive the targets, report and chart from a saved results.json")
     parser.add_argument("--quick", action="store_true",
@@ -522,12 +527,16 @@ def main(argv: list[str] | None = None) -> int:
         write_files(results, output)
         print(write_report(results, output))
         return 0
+    try:
+        apply_malloc_choice(args.malloc, fallback="default")
+    except ValueError as err:
+        raise SystemExit(f"bench: {err}") from err
     device = torch.device(args.device)
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     results: dict = dict(environment=dict(
         machine=f"{name}, {os.cpu_count()} CPU cores", torch=torch.__version__, threads=torch.get_num_threads(),
-        device=str(device), command=command.strip(), date=time.strftime("%Y-%m-%d %H:%M"),
+        device=str(device), malloc=malloc_in_force(), command=command.strip(), date=time.strftime("%Y-%m-%d %H:%M"),
     ), batch=args.batch)
     print("matmul peak ...", flush=True)
     results["matmul_peak_gflop_s"] = matmul_peak(device, args.repeats)

@@ -137,10 +137,10 @@ def test_allocator_benchmark_alternates_the_two_settings():
                            "--batch", "1", "--steps", "1", "--threads", "1"], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "resnet18 default:" in done.stdout and "resnet18 kept:" in done.stdout
+    assert "resnet18 default:" in done.stdout and "resnet18 keep:" in done.stdout
     row = [line for line in done.stdout.splitlines() if line.startswith("resnet18 ") and "default" not in line
-           and "kept:" not in line]
-    assert len(row) == 1 and len(row[0].split()) == 7
+           and "keep:" not in line]
+    assert len(row) == 1 and len(row[0].split()) == 10
     bad = subprocess.run([sys.executable, "-m", "benchmarks.allocator", "--rounds", "0"], cwd=ROOT, env=cli_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "must be positive" in bad.stderr

@@ -56,10 +56,11 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: float = 300, check: bool = False, cmd: list[str] | None = None,
-            **kwargs) -> subprocess.CompletedProcess:
-    """``python -m cyclemlp ARGS`` (or ``cmd + ARGS``) with this worktree's sources first."""
+            env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m cyclemlp ARGS`` (or ``cmd + ARGS``) with this worktree's sources first (in ``env``,
+    by default :func:`cli_env`)."""
     command = (cmd or CLI) + list(args)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=ROOT,
                             **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

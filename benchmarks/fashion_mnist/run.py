@@ -49,6 +49,7 @@ import torch
 import cyclemlp  # noqa: F401  (registers CycleMLP with timm)
 from cyclemlp.checkpoint import atomic_write
 from cyclemlp.flops import count_cost
+from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice, malloc_in_force
 from cyclemlp.train import TrainConfig, recipe, train
 
 TRAIN_IMAGES = 60000
@@ -237,7 +238,8 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
         f"(resized from 28x28), every model with its own stem; recipe `fashion-mnist`"
         f"{' with ' + ' and '.join(changed) if changed else ''}; budget "
         f"{conditions['budget_min']} CPU minutes per model; {conditions['threads']} torch thread(s) + "
-        f"{conditions['workers']} loader worker(s) per run; {conditions['machine']}; load average "
+        f"{conditions['workers']} loader worker(s) per run; allocator {conditions.get('malloc', 'default')}; "
+        f"{conditions['machine']}; load average "
         f"{conditions['load_start']} at the start, {conditions.get('load_end')} at the end; {conditions['started']}.",
     ]
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(lines + notes) + "\n"))
@@ -266,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="contestants trained at the same time, each in its own process (default 1); the "
                         "plans (throughput) are measured first, one model at a time")
+    add_malloc_argument(parser, fallback="default")
     parser.add_argument("--only", metavar="NAME", help=argparse.SUPPRESS)  # internal: one contestant of --jobs
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    try:
+        apply_malloc_choice(args.malloc, fallback="default")
+    except ValueError as err:
+        parser.error(str(err))
     if args.only is not None:
         args.models = [args.only]
     out = Path(args.output)
@@ -277,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     conditions = json.loads(conditions_path.read_text()) if conditions_path.exists() else dict(
         started=time.strftime("%Y-%m-%d %H:%M"), machine=f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
         torch=torch.__version__, timm=timm.__version__, load_start=round(os.getloadavg()[0], 1),
+        malloc=malloc_in_force(),
     )
     defaults = recipe("fashion-mnist")
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in RECIPE_OPTIONS}

@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from ..checkpoint import CheckpointError
+from ..runtime import add_malloc_argument, apply_malloc_choice
 
 # Subcommand modules, in the order ``cyclemlp --help`` lists them.
 COMMANDS: tuple[str, ...] = (
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cyclemlp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_malloc_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
@@ -49,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command != "bench":  # the benchmark decides for itself (benchmarks/run.py --malloc)
+            apply_malloc_choice(args.malloc)
         return int(args.func(args) or 0)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         print(f"cyclemlp {args.command}: error: {err}", file=sys.stderr)

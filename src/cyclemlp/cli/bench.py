@@ -35,4 +35,7 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(root))
     from benchmarks.run import main
 
-    return main([o for o in args.options if o != "--"])
+    options = [o for o in args.options if o != "--"]
+    if args.malloc is not None:  # ``cyclemlp --malloc X bench``; an option after 'bench' still wins
+        options = ["--malloc", args.malloc, *options]
+    return main(options)

@@ -132,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's configuration: the recipe's values, then the flags given."""
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "recipe")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "malloc", "recipe")}
     for key in ("scale", "ratio", "opt_betas", "mean", "std"):
         if key in given:
             given[key] = tuple(given[key])
