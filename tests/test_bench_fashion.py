@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -38,6 +39,12 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     assert done.returncode == 2 and "holds a benchmark run with drop path 0.0; pass --drop-path 0.0" in done.stderr
     done = _bench("--drop-path", "-0.1", "--output", str(tmp_path))
     assert done.returncode == 2 and "--drop-path must be within [0, 1]" in done.stderr
+    # the folder's runs were made under glibc's defaults (no record: from before the option)
+    done = _bench("--reprob", "0.25", "--malloc", "keep", "--output", str(tmp_path))
+    if platform.libc_ver()[0] == "glibc":
+        assert done.returncode == 2 and "holds a benchmark run under --malloc default; pass that" in done.stderr
+    done = _bench("--malloc", "tcmalloc", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--malloc: invalid choice: 'tcmalloc'" in done.stderr
 
 
 def test_recipe_options_checked_against_the_run_folder():

@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = changed_option(conditions, settings)
         if problem:
             parser.error(f"{out} holds a benchmark run with {problem}, or another --output")
+        if conditions.get("malloc", "default") != malloc_in_force():  # older runs: glibc's defaults
+            parser.error(f"{out} holds a benchmark run under --malloc {conditions.get('malloc', 'default')}; "
+                         f"pass that (this one runs under {malloc_in_force()}), or another --output")
     conditions.update(budget_min=args.budget_min, img_size=args.img_size, threads=args.threads, workers=args.workers,
                       batch_size=args.batch_size, **settings)
     atomic_write(conditions_path, lambda tmp: Path(tmp).write_text(json.dumps(conditions, indent=1)))

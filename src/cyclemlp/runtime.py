@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # mallopt(3) parameter numbers (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_DEFAULT_MMAP_MAX = 65536  # glibc's DEFAULT_MMAP_MAX
 
 MALLOC_CHOICES = ("keep", "default")
 ENV_VAR = "CYCLEMLP_MALLOC"
@@ -65,8 +66,12 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, -1) != 1:
-        log.debug("allocator settings left alone: mallopt refused them")
+    if mallopt(_M_MMAP_MAX, 0) != 1:
+        log.debug("allocator settings left alone: mallopt refused M_MMAP_MAX")
+        return False
+    if mallopt(_M_TRIM_THRESHOLD, -1) != 1:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)  # all or nothing
+        log.debug("allocator settings left alone: mallopt refused M_TRIM_THRESHOLD")
         return False
     _applied = True
     return True
