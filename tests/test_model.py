@@ -277,3 +277,55 @@ def test_autocast_training_step():
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.dtype == torch.float32, name
         assert torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_mlp_matches_plain(monkeypatch, bias):
+    """The row-chunked MLP (ragged last chunk) gives the plain MLP's output and gradients, also
+    when only some inputs want gradients, and its oneDNN inference form the same output."""
+    from cyclemlp import functional
+
+    monkeypatch.setattr(functional, "_MLP_WHOLE_MAX_ELEMENTS", 0)  # chunk even tiny layers
+    monkeypatch.setattr(functional, "_MLP_CHUNK_ELEMENTS", 48 * 64)  # 64 rows per chunk, 70 rows
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(12, 48, bias=bias).double(), torch.nn.Linear(48, 12, bias=bias).double()
+    x = torch.randn(2, 5, 7, 12, dtype=torch.float64)
+    residual = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    assert functional.mlp_chunk_rows(70, 48) == 64 and functional.chunked_mlp_applies(x, 48)
+    for wants_x, wants_params in ((True, True), (True, False), (False, True)):
+        for p in (*fc1.parameters(), *fc2.parameters()):
+            p.requires_grad_(wants_params)
+            p.grad = None
+        results = []
+        for chunked in (True, False):
+            xg = x.clone().requires_grad_(wants_x)
+            out = (functional.channel_mlp(xg, fc1, fc2, residual=residual) if chunked
+                   else residual + fc2(torch.nn.functional.gelu(fc1(xg))))
+            out.backward(grad)
+            params = [p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())] if wants_params else []
+            results.append([out.detach()] + ([xg.grad] if wants_x else []) + params)
+            for p in (*fc1.parameters(), *fc2.parameters()):
+                p.grad = None
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+    fc1, fc2, x, residual = fc1.float(), fc2.float(), x.float(), residual.float()
+    with torch.no_grad():
+        plain = residual + fc2(torch.nn.functional.gelu(fc1(x)))
+        assert functional.use_onednn(x)
+        fused = functional.channel_mlp(x, fc1, fc2, residual=residual, onednn=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_mlp_only_for_large_cpu_training():
+    from cyclemlp import functional
+
+    big = torch.empty(32, 56, 56, 64)
+    assert functional.chunked_mlp_applies(big, 256)
+    assert not functional.chunked_mlp_applies(big[:, :14, :14], 256)  # heap-sized: plain autograd
+    with torch.no_grad():
+        assert not functional.chunked_mlp_applies(big, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not functional.chunked_mlp_applies(big, 256)
+    with pytest.raises(RuntimeError, match="CPU training"):
+        functional.channel_mlp(big[:1, :2, :2], torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))

@@ -35,7 +35,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
 from .cycle_fc import CycleFC, Pattern, eager_shift, normalize_stepsize, shift_stack
-from .functional import eager_mixing, gelu_linear, linear, mix_branches, mix_parts, use_onednn
+from .functional import channel_mlp, chunked_mlp_applies, eager_mixing, gelu_linear, linear, mix_branches, mix_parts, use_onednn
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
 
@@ -102,8 +102,8 @@ class ChannelMlp(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
     ) -> torch.Tensor:
-        if onednn:
-            return linear(linear(x, self.fc1, gelu=True, onednn=True), self.fc2, residual=residual, onednn=True)
+        if onednn or chunked_mlp_applies(x, self.fc1.out_features):  # CPU: in row chunks
+            return channel_mlp(x, self.fc1, self.fc2, residual=residual, onednn=onednn)
         out = gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
         return out if residual is None else residual + out
 
