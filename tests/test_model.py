@@ -329,3 +329,14 @@ def test_chunked_mlp_only_for_large_cpu_training():
         assert not functional.chunked_mlp_applies(big, 256)
     with pytest.raises(RuntimeError, match="CPU training"):
         functional.channel_mlp(big[:1, :2, :2], torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+
+
+def test_chunked_mlp_refuses_a_second_derivative(monkeypatch):
+    from cyclemlp import functional
+
+    monkeypatch.setattr(functional, "_MLP_WHOLE_MAX_ELEMENTS", 0)
+    fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    x = torch.randn(2, 3, 3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(functional.channel_mlp(x, fc1, fc2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .cycle_fc import OffsetTable, eager_shift
@@ -366,6 +367,7 @@ class _ChunkedMlp(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative would need the products recorded; say so
     def backward(ctx, grad):  # type: ignore[override]
         x, hidden, w1, w2 = ctx.saved_tensors
         grad = grad.contiguous()
