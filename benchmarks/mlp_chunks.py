@@ -2,6 +2,7 @@
 over whole tensors, timed at the same shapes in one run, alone and inside B1.
 
     python -m benchmarks.mlp_chunks [--threads 2] [--batch 32] [--malloc keep]
+    python -m benchmarks.mlp_chunks --quick --whole-max-elements 0   # smoke run, chunks everywhere
 
 For each of B1's four stage shapes at 224 (batch 32): inference (oneDNN, residual add fused) and
 a training step (forward + backward) of the MLP, whole-tensor vs ``cyclemlp.functional``'s
@@ -103,8 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = kernel_parser(__doc__, repeats=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--model-repeats", type=int, default=3, help="timed calls of the whole model (default 3)")
+    parser.add_argument("--whole-max-elements", type=int, default=None, metavar="N",
+                        help="hidden layers up to N elements run whole (default: the package's, "
+                        f"{functional._MLP_WHOLE_MAX_ELEMENTS})")
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, one timed call of each")
     add_malloc_argument(parser, fallback="default")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats, args.model_repeats = 2, 1, 1
+    if args.whole_max_elements is not None:
+        if args.whole_max_elements < 0:
+            parser.error(f"--whole-max-elements must not be negative; got {args.whole_max_elements}")
+        functional._MLP_WHOLE_MAX_ELEMENTS = args.whole_max_elements
     if min(args.batch, args.repeats, args.model_repeats, args.threads) < 1:
         parser.error("--batch, --repeats, --model-repeats and --threads must be positive")
     try:

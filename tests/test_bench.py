@@ -147,3 +147,21 @@ def test_allocator_benchmark_alternates_the_two_settings():
     unknown = subprocess.run([sys.executable, "-m", "benchmarks.op_breakdown", "--model", "no_such_net"], cwd=ROOT,
                              env=cli_env(), capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "unknown model 'no_such_net'" in unknown.stderr
+
+
+def test_mlp_chunk_benchmark_smoke_run():
+    import subprocess
+    import sys
+
+    from train_utils import ROOT, cli_env
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mlp_chunks", "--quick", "--whole-max-elements", "0",
+                           "--threads", "1"], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["56"], ["28"], ["14"], ["7"])]
+    assert [row[:2] for row in rows] == [["56", "64"], ["28", "128"], ["14", "320"], ["7", "512"]]
+    assert all(float(row[-1]) < 1e-4 for row in rows)  # chunked and whole forms agree
+    assert sum(line.split()[0] in ("whole", "chunked") for line in done.stdout.splitlines() if line.strip()) == 4
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.mlp_chunks", "--whole-max-elements", "-1"], cwd=ROOT,
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "must not be negative" in bad.stderr
