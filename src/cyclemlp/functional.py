@@ -330,9 +330,9 @@ def gelu_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # op itself. Run row chunk by row chunk, everything after the first product (GELU, the second
 # product, the whole backward pass) needs only chunk-sized temporaries, which the heap hands back
 # warm and which stay in cache. `python -m benchmarks.mlp_chunks` times both forms at B1's stage
-# shapes: at the first stage the chunked MLP took 41 against 67 ms (inference) and 191 against
-# 316 ms (training step); from the third stage on (hidden layers of 32 MB or less) the whole-tensor
-# form is as fast or faster, so it stays.
+# shapes: at the first stage (at 3771c05, the README's table) the chunked MLP took 59.9 against
+# 89.5 ms (inference) and 245 against 416 ms (training step); from the third stage on (hidden
+# layers of 32 MB or less) the whole-tensor form was as fast or faster, so it stays.
 _MLP_CHUNK_ELEMENTS = 1 << 21  # hidden-layer elements per chunk (8 MB in float32)
 _MLP_WHOLE_MAX_ELEMENTS = 1 << 23  # up to 32 MB (glibc's largest mmap threshold) the heap serves it
 
