@@ -74,24 +74,44 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup:
     return statistics.median(times)
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (pages the kernel had to map and zero on first
+    touch), or None where the platform does not count them."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timeit_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                       warmup: int = 2) -> dict[str, float]:
+                       warmup: int = 2, faults: dict[str, float | None] | None = None) -> dict[str, float]:
     """Median wall time in seconds of each of ``fns``, timed in turns (one call of each per round).
 
     On a shared machine the cost of memory (page faults as freed blocks go back to the system,
     other programs' traffic) drifts over seconds; taking turns exposes every contestant to the same
-    drift, so the ratios between them hold where back-to-back blocks of calls differ by up to 2x."""
+    drift, so the ratios between them hold where back-to-back blocks of calls differ by up to 2x.
+    If ``faults`` is given, it receives each function's mean minor page faults per timed call:
+    what it paid for fresh memory (4 KiB pages), which the C allocator's state decides and which
+    explains most differences between runs of the same code."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    faulted: dict[str, int] = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            before = minor_faults()
             start = time.perf_counter()
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            if before is not None:
+                faulted[name] += minor_faults() - before  # type: ignore[operator]
+    if faults is not None:
+        counted = minor_faults() is not None
+        faults.update({name: faulted[name] / repeats if counted else None for name in fns})
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -209,12 +229,14 @@ def bench_cycle_fc(batches: list[int], device: torch.device, repeats: int) -> li
                                          device, max(repeats, 9))
             xg = x.clone().requires_grad_(True)
             grad = torch.randn(batch, side, side, dim, device=device)
+            faults: dict[str, float | None] = {}
             fwd_bwd = timeit_interleaved(
                 {impl: (lambda layer=layer: layer(xg).backward(grad)) for impl, layer in layers.items()},
-                device, max(repeats, 9))
+                device, max(repeats, 9), faults=faults)
             for impl in layers:
                 rows.append(dict(batch=batch, shape=f"{side}x{side}x{dim}", impl=impl,
-                                 fwd_ms=fwd[impl] * 1e3, fwd_bwd_ms=fwd_bwd[impl] * 1e3))
+                                 fwd_ms=fwd[impl] * 1e3, fwd_bwd_ms=fwd_bwd[impl] * 1e3,
+                                 fwd_bwd_faults=faults[impl]))
             rows[-1]["copy_ms"] = copy_ms
     return rows
 
@@ -252,16 +274,18 @@ def bench_models(names: list[str], batch: int, device: torch.device, repeats: in
     for name, model in models.items():
         model.train()
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train_faults: dict[str, float | None] = {}
     train = timeit_interleaved(
         {n: (lambda m=m, o=optimizers[n]: _train_step(m, o, x, y)) for n, m in models.items()},
-        device, train_repeats, warmup=1)
+        device, train_repeats, warmup=1, faults=train_faults)
     rows = []
     for name, model in models.items():
         flops = nominal_flops(name)
         rows.append(dict(
             model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
             gflops_per_img=flops / 1e9, infer_img_s=batch / infer[name], latency_ms=latency[name] * 1e3,
-            train_img_s=batch / train[name], achieved_gflop_s=flops * batch / infer[name] / 1e9,
+            train_img_s=batch / train[name], train_faults=train_faults[name],
+            achieved_gflop_s=flops * batch / infer[name] / 1e9,
             train_peak_mb=train_step_peak_mb(name, batch, device) if memory else None,
         ))
         if name.startswith("cyclemlp"):
@@ -320,11 +344,13 @@ def check_targets(results: dict) -> list[dict]:
     checks = []
 
     def add(what: str, value: float | None, goal: float, higher: bool = True, needs: float | None = None,
-            ceiling: float | None = None) -> None:
+            ceiling: float | None = None, faults: tuple[float | None, float | None] | None = None) -> None:
         ok = value is not None and (value >= goal if higher else value <= goal)
         checks.append(dict(target=what, value=value, goal=("≥ " if higher else "≤ ") + f"{goal:g}", met=ok,
                            needs_peak_share=needs, products_only=ceiling,
-                           reachable=None if ceiling is None else (ceiling >= goal if higher else ceiling <= goal)))
+                           reachable=None if ceiling is None else (ceiling >= goal if higher else ceiling <= goal),
+                           page_faults=None if faults is None or None in faults else
+                           f"{faults[0]:.0f} / {faults[1]:.0f}"))
 
     def needs(model: str, goal: float, other: str, key: str = "infer_img_s", passes: int = 1) -> float | None:
         """Share of the measured matmul peak that ``model`` must sustain to reach ``goal`` x the
@@ -345,9 +371,10 @@ def check_targets(results: dict) -> list[dict]:
             linear = fc[(batch, shape, "linear")]
             floor = None if linear.get("copy_ms") is None else \
                 _ratio(linear["fwd_bwd_ms"] + 2 * linear["copy_ms"], linear["fwd_bwd_ms"])
+            cycle = fc[(batch, shape, "cyclemlp")]
             add(f"Cycle FC fwd+bwd / Linear, {shape}, batch {batch}",
-                _ratio(fc[(batch, shape, "cyclemlp")]["fwd_bwd_ms"], linear["fwd_bwd_ms"]), 1.3, False,
-                ceiling=floor)
+                _ratio(cycle["fwd_bwd_ms"], linear["fwd_bwd_ms"]), 1.3, False,
+                ceiling=floor, faults=(cycle.get("fwd_bwd_faults"), linear.get("fwd_bwd_faults")))
 
     def infer(name: str, key: str = "infer_img_s") -> float | None:
         return models.get(name, {}).get(key)
@@ -366,7 +393,8 @@ def check_targets(results: dict) -> list[dict]:
     add("cyclemlp_b1 training / deform B1",
         _ratio(infer("cyclemlp_b1", "train_img_s"), infer("deform_b1", "train_img_s")), 4,
         needs=needs("cyclemlp_b1", 4, "deform_b1", "train_img_s", passes=3),
-        ceiling=ceiling("cyclemlp_b1", "deform_b1", "train_img_s"))
+        ceiling=ceiling("cyclemlp_b1", "deform_b1", "train_img_s"),
+        faults=(infer("cyclemlp_b1", "train_faults"), infer("deform_b1", "train_faults")))
     add("cyclemlp_b2 achieved GFLOP/s / matmul peak",
         _ratio(models.get("cyclemlp_b2", {}).get("achieved_gflop_s"), results["matmul_peak_gflop_s"]), 0.65)
     add("cyclemlp_b1 train-step peak memory / deform B1",
@@ -400,13 +428,17 @@ def write_report(results: dict, output: Path) -> str:
         f"Command: `{env['command']}`",
         "",
         "Cycle FC alone (ms, median):",
-        markdown_table(results["cycle_fc"], ["batch", "shape", "impl", "fwd_ms", "fwd_bwd_ms", "copy_ms"]),
+        markdown_table(results["cycle_fc"], ["batch", "shape", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_faults",
+                                             "copy_ms"]),
         "(copy_ms: one copy of the activation; Linear fwd+bwd plus two such copies is the least a Cycle FC "
-        "that shifts its input for a BLAS product can cost.)",
+        "that shifts its input for a BLAS product can cost. fwd_bwd_faults: minor page faults per forward + "
+        "backward, i.e. 4 KiB pages of fresh memory the kernel mapped and zeroed during the call; how many "
+        "there are depends on the C allocator's state, not on the operator.)",
         "",
         f"Whole models at 224x224 (inference and training batch {results['batch']}, latency batch 1):",
         markdown_table(results["models"], ["model", "params_m", "gflops_per_img", "infer_img_s", "latency_ms",
-                                           "train_img_s", "achieved_gflop_s", "train_peak_mb"]),
+                                           "train_img_s", "train_faults", "achieved_gflop_s", "train_peak_mb"]),
+        "(train_faults: minor page faults per training step, as for Cycle FC above.)",
     ]
     ceilings = [r for r in results["models"] if r.get("products_infer_img_s") is not None]
     if ceilings:
@@ -423,9 +455,9 @@ def write_report(results: dict, output: Path) -> str:
               "the model would reach if its own products were its whole cost (for Cycle FC / Linear: Linear "
               "plus the two copies a shift needs); reachable NO means that even "
               "then the target is missed, so no implementation computing the same products can meet it on "
-              "this machine):",
+              "this machine; page_faults: minor page faults per call of the two sides of a ratio):",
               markdown_table(results["targets"], ["target", "value", "goal", "met", "needs_peak_share",
-                                                  "products_only", "reachable"])]
+                                                  "products_only", "reachable", "page_faults"])]
     text = "\n".join(parts) + "\n"
     atomic_write(output / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text

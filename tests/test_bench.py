@@ -165,3 +165,39 @@ def test_mlp_chunk_benchmark_smoke_run():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.mlp_chunks", "--whole-max-elements", "-1"], cwd=ROOT,
                          env=cli_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "must not be negative" in bad.stderr
+
+
+def test_interleaved_timing_counts_page_faults():
+    import mmap
+
+    import torch
+
+    from benchmarks.run import minor_faults, timeit_interleaved
+
+    if minor_faults() is None:
+        pytest.skip("this platform does not count page faults")
+    pages = 256
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as fresh:  # a new anonymous mapping every call
+            for page in range(pages):
+                fresh[page * mmap.PAGESIZE] = 1
+
+    faults: dict = {}
+    times = timeit_interleaved({"fresh": touch_fresh_pages, "idle": lambda: None}, torch.device("cpu"), 3,
+                               faults=faults)
+    assert set(times) == set(faults) == {"fresh", "idle"}
+    assert faults["fresh"] >= pages and faults["idle"] < pages / 4
+
+
+def test_targets_show_the_page_faults_of_both_sides():
+    results = _results(20, 1.2)
+    for row in results["cycle_fc"]:
+        row["fwd_bwd_faults"] = {"cyclemlp": 6272.0, "linear": 0.4, "deform_conv2d": 10.0}[row["impl"]]
+    for row in results["models"]:
+        row["train_faults"] = {"cyclemlp_b1": 120.0, "deform_b1": 3000.0}.get(row["model"])
+    checks = {c["target"]: c for c in check_targets(results)}
+    assert checks["Cycle FC fwd+bwd / Linear, 56x56x64, batch 8"]["page_faults"] == "6272 / 0"
+    assert checks["cyclemlp_b1 training / deform B1"]["page_faults"] == "120 / 3000"
+    assert checks["cyclemlp_b1 inference / deform B1"]["page_faults"] is None
+    assert check_targets(_results(20, 1.2))[1]["page_faults"] is None  # runs without counts
