@@ -29,6 +29,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 import torch
 from torch import nn
 
@@ -77,9 +82,7 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup:
 def minor_faults() -> int | None:
     """Minor page faults of this process so far (pages the kernel had to map and zero on first
     touch), or None where the platform does not count them."""
-    try:
-        import resource
-    except ImportError:
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -92,8 +95,8 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], device: torch.devic
     other programs' traffic) drifts over seconds; taking turns exposes every contestant to the same
     drift, so the ratios between them hold where back-to-back blocks of calls differ by up to 2x.
     If ``faults`` is given, it receives each function's mean minor page faults per timed call:
-    what it paid for fresh memory (4 KiB pages), which the C allocator's state decides and which
-    explains most differences between runs of the same code."""
+    what it paid for fresh memory (4 KiB pages). The C allocator's state decides how many there
+    are, so they show whether a slow run was slowed by fresh memory or by something else."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
