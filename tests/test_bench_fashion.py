@@ -39,6 +39,8 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     assert done.returncode == 2 and "holds a benchmark run with drop path 0.0; pass --drop-path 0.0" in done.stderr
     done = _bench("--drop-path", "-0.1", "--output", str(tmp_path))
     assert done.returncode == 2 and "--drop-path must be within [0, 1]" in done.stderr
+    done = _bench("--mixup", "-0.2", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--mixup must be within [0, 10]" in done.stderr
     # the folder's runs were made under glibc's defaults (no record: from before the option)
     done = _bench("--reprob", "0.25", "--malloc", "keep", "--output", str(tmp_path))
     if platform.libc_ver()[0] == "glibc":
@@ -50,11 +52,15 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
 def test_recipe_options_checked_against_the_run_folder():
     from benchmarks.fashion_mnist.run import changed_option
 
-    settings = dict(reprob=0.25, drop_path=0.0)
-    assert changed_option(dict(reprob=0.25, drop_path=0.0), settings) is None
-    assert changed_option(dict(reprob=0.25), settings) is None  # made before --drop-path existed
+    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0)  # the recipe's values
+    settings = dict(base, reprob=0.25)
+    assert changed_option(dict(base, reprob=0.25), settings) is None
+    assert changed_option(dict(reprob=0.25), settings) is None  # made before the other options existed
     assert changed_option(dict(reprob=0.0), settings) == "random erasing 0.0; pass --reprob 0.0 to continue it"
-    assert changed_option({}, dict(reprob=0.0, drop_path=0.1)) == "drop path 0.0; pass --drop-path 0.0 to continue it"
+    assert changed_option({}, dict(base, drop_path=0.1)) == "drop path 0.0; pass --drop-path 0.0 to continue it"
+    assert changed_option(dict(base, mixup=0.2), base) == "Mixup alpha 0.2; pass --mixup 0.2 to continue it"
+    assert changed_option({}, dict(base, weight_decay=0.1)) == (
+        "weight decay 0.05; pass --weight-decay 0.05 to continue it")
 
 
 @pytest.mark.slow

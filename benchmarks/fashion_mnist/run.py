@@ -6,6 +6,7 @@ wall-clock budget.
     python -m benchmarks.fashion_mnist.run --budget-min 30 --jobs 2      # two models at a time
     python -m benchmarks.fashion_mnist.run --budget-min 30 --reprob 0.25 # random erasing for every model
     python -m benchmarks.fashion_mnist.run --budget-min 30 --drop-path 0.1 # stochastic depth for every model
+    python -m benchmarks.fashion_mnist.run --budget-min 60 --mixup 0.2 --weight-decay 0.1  # other recipe values
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —
@@ -54,8 +55,12 @@ from cyclemlp.train import TrainConfig, recipe, train
 
 TRAIN_IMAGES = 60000
 EVAL_IMAGES = 10000
-# Recipe values the benchmark can change, for every model alike: key -> (flag, description).
-RECIPE_OPTIONS = {"reprob": ("--reprob", "random erasing"), "drop_path": ("--drop-path", "drop path")}
+# Recipe values the benchmark can change, for every model alike: key -> (flag, description, largest value).
+RECIPE_OPTIONS = {
+    "reprob": ("--reprob", "random erasing", 1.0), "drop_path": ("--drop-path", "drop path", 1.0),
+    "weight_decay": ("--weight-decay", "weight decay", 1.0), "mixup": ("--mixup", "Mixup alpha", 10.0),
+    "cutmix": ("--cutmix", "CutMix alpha", 10.0),
+}
 
 
 @dataclass
@@ -213,7 +218,7 @@ def changed_option(conditions: dict[str, Any], settings: dict[str, float]) -> st
     """The first recipe option of ``settings`` that differs from the run folder's ``conditions``
     (as "random erasing 0.25; pass --reprob 0.25 to continue it"), or None."""
     defaults = recipe("fashion-mnist")
-    for key, (flag, what) in RECIPE_OPTIONS.items():
+    for key, (flag, what, _) in RECIPE_OPTIONS.items():
         made = conditions.get(key, defaults[key])  # runs made before an option existed used the recipe's value
         if made != settings[key]:
             return f"{what} {made}; pass {flag} {made} to continue it"
@@ -232,7 +237,9 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in sorted(rows, key=lambda r: -r["top1"]):
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
-    changed = [f"{what} {conditions[key]}" for key, (_, what) in RECIPE_OPTIONS.items() if conditions.get(key)]
+    defaults = recipe("fashion-mnist")
+    changed = [f"{what} {conditions[key]}" for key, (_, what, _) in RECIPE_OPTIONS.items()
+               if conditions.get(key, defaults[key]) != defaults[key]]
     notes = [
         "", f"Fashion-MNIST test set (10,000 images); input {conditions['img_size']}x{conditions['img_size']} grey "
         f"(resized from 28x28), every model with its own stem; recipe `fashion-mnist`"
@@ -261,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="random erasing probability for every model (default: the recipe's, 0)")
     parser.add_argument("--drop-path", type=float, default=None, metavar="P",
                         help="stochastic depth (drop path rate) for every model (default: the recipe's, 0)")
+    parser.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                        help="AdamW weight decay for every model (default: the recipe's, 0.05)")
+    parser.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                        help="Mixup alpha for every model (timm's Mixup; default: the recipe's, 0 = off)")
+    parser.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
+                        help="CutMix alpha for every model (with --mixup: switched per batch; default 0 = off)")
     parser.add_argument("--cyclemlp-kwargs", type=json.loads, default=None, metavar="JSON",
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
@@ -288,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     defaults = recipe("fashion-mnist")
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in RECIPE_OPTIONS}
-    for key, (flag, _) in RECIPE_OPTIONS.items():
-        if not 0.0 <= settings[key] <= 1.0:
-            parser.error(f"{flag} must be within [0, 1]; got {settings[key]}")
+    for key, (flag, _, largest) in RECIPE_OPTIONS.items():
+        if not 0.0 <= settings[key] <= largest:
+            parser.error(f"{flag} must be within [0, {largest:g}]; got {settings[key]}")
     if conditions_path.exists():
         problem = changed_option(conditions, settings)
         if problem:
