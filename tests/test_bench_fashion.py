@@ -6,6 +6,7 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,8 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     assert done.returncode == 2 and "--drop-path must be within [0, 1]" in done.stderr
     done = _bench("--mixup", "-0.2", "--output", str(tmp_path))
     assert done.returncode == 2 and "--mixup must be within [0, 10]" in done.stderr
+    done = _bench("--model-ema", "1.5", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--model-ema must be within [0, 1]" in done.stderr
     # the folder's runs were made under glibc's defaults (no record: from before the option)
     done = _bench("--reprob", "0.25", "--malloc", "keep", "--output", str(tmp_path))
     if platform.libc_ver()[0] == "glibc":
@@ -52,7 +55,8 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
 def test_recipe_options_checked_against_the_run_folder():
     from benchmarks.fashion_mnist.run import changed_option
 
-    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0)  # the recipe's values
+    # the recipe's values (it keeps no weight EMA: decay 0)
+    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0, model_ema_decay=0.0)
     settings = dict(base, reprob=0.25)
     assert changed_option(dict(base, reprob=0.25), settings) is None
     assert changed_option(dict(reprob=0.25), settings) is None  # made before the other options existed
@@ -61,6 +65,27 @@ def test_recipe_options_checked_against_the_run_folder():
     assert changed_option(dict(base, mixup=0.2), base) == "Mixup alpha 0.2; pass --mixup 0.2 to continue it"
     assert changed_option({}, dict(base, weight_decay=0.1)) == (
         "weight decay 0.05; pass --weight-decay 0.05 to continue it")
+    # a folder made before the EMA option had none
+    assert changed_option(dict(reprob=0.0), base) is None
+    assert changed_option({}, dict(base, model_ema_decay=0.999)) == (
+        "weight EMA decay 0.0; pass --model-ema 0.0 to continue it")
+    assert changed_option(dict(base, model_ema_decay=0.999), dict(base, model_ema_decay=0.999)) is None
+
+
+def test_ema_option_sets_up_the_training_and_its_column():
+    from argparse import Namespace
+
+    from benchmarks.fashion_mnist.run import CYCLEMLP, COLUMNS, RECIPE_OPTIONS, config_for, recipe_settings
+
+    assert recipe_settings()["model_ema_decay"] == 0.0
+    plan = dict(epochs=4, samples_per_epoch=1280)
+    args = Namespace(img_size=32, batch_size=128, workers=0, threads=1, seed=0, no_progress=True,
+                     **{key: None for key in RECIPE_OPTIONS})
+    assert not config_for(CYCLEMLP, plan, Path("unused"), args).model_ema
+    args.model_ema_decay = 0.999
+    config = config_for(CYCLEMLP, plan, Path("unused"), args)
+    assert config.model_ema and config.model_ema_decay == 0.999
+    assert ("ema_top1", "EMA weights top-1 (%)") in COLUMNS
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ wall-clock budget.
     python -m benchmarks.fashion_mnist.run --budget-min 30 --reprob 0.25 # random erasing for every model
     python -m benchmarks.fashion_mnist.run --budget-min 30 --drop-path 0.1 # stochastic depth for every model
     python -m benchmarks.fashion_mnist.run --budget-min 60 --mixup 0.2 --weight-decay 0.1  # other recipe values
+    python -m benchmarks.fashion_mnist.run --budget-min 60 --model-ema 0.999  # also evaluate a weight EMA
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —
@@ -60,7 +61,16 @@ RECIPE_OPTIONS = {
     "reprob": ("--reprob", "random erasing", 1.0), "drop_path": ("--drop-path", "drop path", 1.0),
     "weight_decay": ("--weight-decay", "weight decay", 1.0), "mixup": ("--mixup", "Mixup alpha", 10.0),
     "cutmix": ("--cutmix", "CutMix alpha", 10.0),
+    "model_ema_decay": ("--model-ema", "weight EMA decay", 1.0),
 }
+
+
+def recipe_settings() -> dict[str, float]:
+    """The ``fashion-mnist`` recipe's value of every ``RECIPE_OPTIONS`` key; an EMA decay of 0
+    stands for no weight EMA (the recipe keeps none)."""
+    values = recipe("fashion-mnist")
+    decay = values.get("model_ema_decay", TrainConfig.model_ema_decay) if values["model_ema"] else 0.0
+    return {key: decay if key == "model_ema_decay" else values[key] for key in RECIPE_OPTIONS}
 
 
 @dataclass
@@ -146,6 +156,8 @@ def config_for(entry: Entry, run_plan: dict[str, Any], out: Path, args: argparse
     for key in RECIPE_OPTIONS:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    if args.model_ema_decay is not None:
+        values["model_ema"] = args.model_ema_decay > 0
     if (out / "last.pth").exists():
         values.update(output=None, resume=str(out))
     return TrainConfig(**values)
@@ -204,6 +216,7 @@ def run_entry(entry: Entry, args: argparse.Namespace) -> dict[str, Any]:
         train_img_per_s=round(sum(r["train_img_per_s"] for r in rows) / len(rows), 1),
         data_passes=round(run_plan["planned_train_images"] / TRAIN_IMAGES, 2), epochs=len(rows),
         top1=round(last["eval_top1"], 2), best_top1=round(best["eval_top1"], 2), top5=round(last["eval_top5"], 2),
+        ema_top1=round(last["eval_ema_top1"], 2) if "eval_ema_top1" in last else None,
     )
 
 
@@ -211,13 +224,14 @@ COLUMNS = [
     ("model", "model"), ("params_m", "params (M)"), ("mmacs", "MMACs/img"), ("budget_min", "budget (CPU min)"),
     ("cpu_min", "used (CPU min)"), ("wall_min", "wall (min)"), ("train_img_per_s", "train img/s"), ("data_passes", "passes over data"),
     ("top1", "test top-1 (%)"), ("best_top1", "best top-1 (%)"), ("top5", "test top-5 (%)"),
+    ("ema_top1", "EMA weights top-1 (%)"),
 ]
 
 
 def changed_option(conditions: dict[str, Any], settings: dict[str, float]) -> str | None:
     """The first recipe option of ``settings`` that differs from the run folder's ``conditions``
     (as "random erasing 0.25; pass --reprob 0.25 to continue it"), or None."""
-    defaults = recipe("fashion-mnist")
+    defaults = recipe_settings()
     for key, (flag, what, _) in RECIPE_OPTIONS.items():
         made = conditions.get(key, defaults[key])  # runs made before an option existed used the recipe's value
         if made != settings[key]:
@@ -236,8 +250,8 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in sorted(rows, key=lambda r: -r["top1"]):
-        lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
-    defaults = recipe("fashion-mnist")
+        lines.append("| " + " | ".join("-" if row.get(key) is None else str(row[key]) for key, _ in COLUMNS) + " |")
+    defaults = recipe_settings()
     changed = [f"{what} {conditions[key]}" for key, (_, what, _) in RECIPE_OPTIONS.items()
                if conditions.get(key, defaults[key]) != defaults[key]]
     notes = [
@@ -274,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Mixup alpha for every model (timm's Mixup; default: the recipe's, 0 = off)")
     parser.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
                         help="CutMix alpha for every model (with --mixup: switched per batch; default 0 = off)")
+    parser.add_argument("--model-ema", dest="model_ema_decay", type=float, default=None, metavar="DECAY",
+                        help="also keep an exponential moving average of the weights with this per-step decay and "
+                        "evaluate it every round (timm's ModelEmaV3; default: the recipe's, 0 = none)")
     parser.add_argument("--cyclemlp-kwargs", type=json.loads, default=None, metavar="JSON",
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
@@ -299,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__, timm=timm.__version__, load_start=round(os.getloadavg()[0], 1),
         malloc=malloc_in_force(),
     )
-    defaults = recipe("fashion-mnist")
+    defaults = recipe_settings()
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in RECIPE_OPTIONS}
     for key, (flag, _, largest) in RECIPE_OPTIONS.items():
         if not 0.0 <= settings[key] <= largest:
