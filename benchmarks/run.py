@@ -48,7 +48,7 @@ import timm  # noqa: E402
 import cyclemlp  # noqa: E402,F401  (registers the models)
 from benchmarks.deform_reference import DeformCycleFC, deform_model  # noqa: E402
 from benchmarks.gemm_bound import ceiling_seconds, record_products, replay_seconds  # noqa: E402
-from cyclemlp import CycleFC, count_cost  # noqa: E402
+from cyclemlp import CycleFC, count_cost, native  # noqa: E402
 from cyclemlp.checkpoint import atomic_write  # noqa: E402
 from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice, malloc_in_force  # noqa: E402
 
@@ -427,6 +427,7 @@ def write_report(results: dict, output: Path) -> str:
     parts = [
         f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads, device {env['device']}, "
         f"allocator {env.get('malloc', 'default')}; "
+        f"{'Cycle FC shift ' + env['shift'] + '; ' if env.get('shift') else ''}"
         f"fp32 matmul peak {results['matmul_peak_gflop_s']:.1f} GFLOP/s (measured in this run).",
         f"Command: `{env['command']}`",
         "",
@@ -546,6 +547,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def shift_kernel_in_use(device: torch.device) -> str:
+    """Which eager shift this run's Cycle FC uses on ``device``."""
+    if device.type != "cpu":
+        return "gather/slice copies"
+    if native.available():
+        return "native kernel"
+    return f"depthwise convolution (native kernel unavailable: {native.build_error()})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
@@ -572,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = dict(environment=dict(
         machine=f"{name}, {os.cpu_count()} CPU cores", torch=torch.__version__, threads=torch.get_num_threads(),
         device=str(device), malloc=malloc_in_force(), command=command.strip(), date=time.strftime("%Y-%m-%d %H:%M"),
+        shift=shift_kernel_in_use(device),
     ), batch=args.batch)
     print("matmul peak ...", flush=True)
     results["matmul_peak_gflop_s"] = matmul_peak(device, args.repeats)

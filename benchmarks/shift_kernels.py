@@ -8,9 +8,10 @@ input) at B1's stages at 224 and at 32x32 input:
 ``gather``: the three side by side in one gather through a cached index, border strips zeroed.
 ``sliced``: the same stack by one strided copy per channel slice sharing an offset (these two
 place the switch ``_SLICED_MAX_ELEMENTS``; graph mode and non-CPU devices still use them).
-``conv``: what the eager CPU path builds instead, the two shifted inputs as one-hot depthwise
-convolutions (the unshifted branch reads the input itself). ``copy``: two plain copies of the
-input, the memory traffic any shift must add. All results are compared for equality.
+``native``: what the eager CPU path builds, the two shifted inputs by the native one-pass kernel
+(``cyclemlp.native``; the unshifted branch reads the input itself). ``conv``: its fallback where
+that kernel cannot be built, the two as one-hot depthwise convolutions. ``copy``: two plain copies
+of the input, the memory traffic any shift must add. All results are compared for equality.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads; ms, best of {args.repeats}")
-    print(f"{'shape (B,H,W,C)':>18} {'gather':>8} {'sliced':>8} {'conv':>8} {'copy':>8} {'faster stack/conv':>18}")
+    native = shift.native.available()
+    if not native:
+        print(f"native kernel not available ({shift.native.build_error()}): its column stays empty")
+    print(f"{'shape (B,H,W,C)':>18} {'gather':>8} {'sliced':>8} {'conv':>8} {'native':>8} {'copy':>8} "
+          f"{'conv/native':>12} {'native/copy':>12}")
     for batch, side, channels in SHAPES:
         width = shift._offsets(channels, (1, 3), "official")
         height = shift._offsets(channels, (3, 1), "official")
@@ -54,8 +59,16 @@ def main(argv: list[str] | None = None) -> None:
         assert torch.equal(torch.cat([*convs, x], dim=-1), gathered), "the convolution disagrees"
         t_conv = best_time(lambda: [shift._conv_shift(x, t) for t in tables[:2]], args.repeats)
         t_copy = best_time(lambda: [x.clone() for _ in range(2)], args.repeats)
+        if native:
+            infos = [shift._table_info(t) for t in tables[:2]]
+            shifted = [torch.ops.cyclemlp.shift(x, info.offsets) for info in infos]
+            assert torch.equal(torch.cat([*shifted, x], dim=-1), gathered), "the native kernel disagrees"
+            t_native = best_time(lambda: [torch.ops.cyclemlp.shift(x, info.offsets) for info in infos], args.repeats)
+            native_cols = f"{t_native * 1e3:>8.3f} {t_copy * 1e3:>8.3f} {t_conv / t_native:>12.2f} {t_native / t_copy:>12.2f}"
+        else:
+            native_cols = f"{'':>8} {t_copy * 1e3:>8.3f} {'':>12} {'':>12}"
         print(f"{str((batch, side, side, channels)):>18} {t_gather * 1e3:>8.3f} {t_sliced * 1e3:>8.3f} "
-              f"{t_conv * 1e3:>8.3f} {t_copy * 1e3:>8.3f} {min(t_gather, t_sliced) / t_conv:>18.2f}", flush=True)
+              f"{t_conv * 1e3:>8.3f} {native_cols}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,15 @@ def _clear_kernels() -> None:
     _shift._TABLE_INFO.clear()
 
 
-@pytest.fixture(params=["conv", "sliced", "gather"])
+@pytest.fixture(params=["native", "conv", "sliced", "gather"])
 def kernel(request, monkeypatch):
-    """Run a test with each eager shift kernel (depthwise convolution where it applies, else slice
-    copies or gather; or slice copies / gather only), whatever the size."""
+    """Run a test with each eager shift kernel (the native kernel; the depthwise convolution where it
+    applies, else slice copies or gather; or slice copies / gather only), whatever the size."""
+    if request.param == "native":
+        if not _shift.native.available():
+            pytest.skip(f"native shift kernel not built: {_shift.native.build_error()}")
+        return request.param
+    monkeypatch.setattr(_shift, "_native_applies", lambda x: False)
     if request.param != "conv":
         monkeypatch.setattr(_shift, "_CONV_MAX_TAPS", 0)
         _clear_kernels()
@@ -271,3 +276,128 @@ def test_torch_compile():
     compiled = torch.compile(layer, dynamic=False)
     x = torch.randn(2, 5, 6, 8)
     torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+# --- the native kernel ----------------------------------------------------------------------------
+
+
+def _definition(x: torch.Tensor, table) -> torch.Tensor:
+    """The shift written out from its definition, one channel and one output pixel at a time."""
+    out = torch.zeros_like(x)
+    _, height, width, _ = x.shape
+    for channel, (dy, dx) in enumerate(table):
+        for y in range(height):
+            for col in range(width):
+                if 0 <= y + dy < height and 0 <= col + dx < width:
+                    out[:, y, col, channel] = x[:, y + dy, col + dx, channel]
+    return out
+
+
+def test_native_kernel_is_built_where_a_compiler_is():
+    import shutil
+
+    if _shift.native.enabled() and shutil.which("c++") and (shutil.which("ninja") or importlib.util.find_spec("ninja")):
+        assert _shift.native.available(), _shift.native.build_error()
+        x = torch.randn(2, 3, 4, 6)
+        assert isinstance(_shift.eager_shift(x, _shift._offsets(6, (1, 3), "official")), torch.Tensor)
+    else:
+        pytest.skip("no C++ compiler / ninja here, or CYCLEMLP_NATIVE=0")
+
+
+needs_native = pytest.mark.skipif(not _shift.native.available(), reason="native shift kernel not built")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
+@pytest.mark.parametrize("step,pattern", [((1, 3), "official"), ((3, 1), "official"), ((1, 7), "official"),
+                                          ((3, 3), "paper"), ((5, 5), "paper"), ((2, 4), "paper")])
+def test_native_shift_follows_the_definition(step, pattern, dtype):
+    for height, width, channels in ((5, 7, 6), (1, 1, 4), (3, 9, 13), (2, 2, 30)):
+        table = _shift._offsets(channels, step, pattern)
+        x = (torch.randn(2, height, width, channels) * 50).to(dtype)
+        got = torch.ops.cyclemlp.shift(x, _shift._table_info(table).offsets)
+        assert got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, _definition(x, table)), (height, width, channels)
+
+
+@needs_native
+def test_native_shift_moves_bits_and_takes_any_layout():
+    # signed zeros and non-finite values arrive unchanged, and nothing leaks into their neighbours
+    x = torch.tensor([float("nan"), float("inf"), -0.0, 1.0] * 3).reshape(1, 1, 3, 4).repeat(2, 3, 1, 1)
+    table = _shift._offsets(4, (1, 3), "official")
+    got = _shift.eager_shift(x, table)
+    assert torch.equal(got.view(torch.int32), _definition(x, table).view(torch.int32))
+    # a non-contiguous input (a transposed view) is read as the values it holds
+    y = torch.randn(2, 8, 6, 10).transpose(1, 2)
+    table = _shift._offsets(10, (3, 1), "official")
+    assert torch.equal(_shift.eager_shift(y, table), _definition(y.contiguous(), table))
+    # more distinct offsets than the unrolled kernels handle, and an empty batch
+    table = _shift._offsets(49, (7, 7), "paper")
+    z = torch.randn(1, 9, 8, 49)
+    assert torch.equal(_shift.eager_shift(z, table), _definition(z, table))
+    assert _shift.eager_shift(torch.randn(0, 3, 3, 49), table).shape == (0, 3, 3, 49)
+
+
+@needs_native
+def test_native_shift_gradients_and_errors():
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: _shift.eager_shift(v, _shift._offsets(6, (3, 3), "paper")), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: _shift.eager_shift(v, _shift._offsets(6, (1, 3), "official")), (x,))
+    offsets = _shift._table_info(_shift._offsets(6, (1, 3), "official")).offsets
+    with pytest.raises(RuntimeError, match=r"one \(dy, dx\) offset per channel, a \(5, 2\) tensor"):
+        torch.ops.cyclemlp.shift(torch.randn(1, 2, 2, 5), offsets)
+    with pytest.raises(RuntimeError, match=r"channels-last \(B, H, W, C\) tensor; got 3-D"):
+        torch.ops.cyclemlp.shift(torch.randn(2, 2, 6), offsets)
+
+
+def test_without_the_native_kernel_the_fallbacks_give_the_same_model(tmp_path):
+    """CYCLEMLP_NATIVE=0 (or a failed build) leaves the convolution and copy kernels: same outputs
+    and gradients, and a failed build says why, once."""
+    import subprocess
+    import sys
+
+    from train_utils import ROOT, cli_env
+
+    script = (
+        "import sys, torch, cyclemlp, timm, importlib\n"
+        "n = importlib.import_module('cyclemlp.native')\n"
+        "print('native', n.available(), n.build_error())\n"
+        "torch.manual_seed(0)\n"
+        "m = timm.create_model('cyclemlp_b1', dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_classes=5)\n"
+        "x = torch.randn(2, 3, 64, 48, requires_grad=True)\n"
+        "out = m(x); out.square().sum().backward()\n"
+        "torch.save((out.detach(), x.grad), sys.argv[1])\n"
+    )
+    results = {}
+    for setting in ("1", "0"):
+        env = dict(cli_env(), CYCLEMLP_NATIVE=setting)
+        saved = tmp_path / f"native{setting}.pt"
+        done = subprocess.run([sys.executable, "-c", script, str(saved)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results[setting] = torch.load(saved)
+        if setting == "0":
+            assert "native False turned off by CYCLEMLP_NATIVE=0" in done.stdout
+        elif _shift.native.available():
+            assert "native True None" in done.stdout
+    torch.testing.assert_close(results["1"], results["0"], rtol=0, atol=0)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    native = _shift.native
+    monkeypatch.setattr(native, "_state", {"tried": False, "ok": False, "error": None})
+    monkeypatch.setattr(native, "_op_registered", lambda: False)
+
+    def broken() -> None:
+        raise OSError("no compiler found\ncommand 'c++' not found")
+
+    monkeypatch.setattr(native, "_build", broken)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: command 'c\+\+' not found\)"):
+        assert not native.available()
+    assert native.build_error() == "OSError: command 'c++' not found"
+    assert not native.available()  # asked again: no second build, no second warning
+    with pytest.raises(RuntimeError, match="native shift kernel is not available: OSError"):
+        native.shift(torch.randn(1, 2, 2, 3), torch.zeros(3, 2, dtype=torch.int32))
+    x = torch.randn(2, 4, 5, 6)
+    table = _shift._offsets(6, (1, 3), "official")
+    assert torch.equal(_shift.eager_shift(x, table), _definition(x, table))

@@ -8,9 +8,9 @@ Cycle FC gives every input channel ``i`` a fixed integer offset ``(dy_i, dx_i)``
 
 with zeros read outside the grid. Because the offset belongs to the *input* channel and the
 weight is pointwise, that is exactly "shift every channel by its own offset (zero fill), then one
-Linear over channels". This module implements it that way: one shift (a one-hot depthwise
-convolution on CPU, a gather or slice copies elsewhere) and one matrix multiply, with no
-deformable convolution and no loop over channels.
+Linear over channels". This module implements it that way: one shift (on CPU the native one-pass
+kernel of :mod:`cyclemlp.native`, else a one-hot depthwise convolution; a gather or slice copies
+elsewhere) and one matrix multiply, with no deformable convolution and no loop over channels.
 
 Tensors are channels-last, ``(B, H, W, C)``, throughout.
 """
@@ -25,6 +25,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import native
 
 __all__ = ["Pattern", "CycleFC", "cycle_fc", "cycle_offsets", "cycle_shift", "normalize_stepsize", "shift_stack"]
 
@@ -158,7 +160,7 @@ def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
 
 # --- eager CPU shift as a depthwise convolution ------------------------------------------------
 #
-# One offset table is a depthwise convolution whose kernel has a single 1 per channel, at the
+# The fallback where the native kernel (cyclemlp.native) cannot be built. One offset table is a depthwise convolution whose kernel has a single 1 per channel, at the
 # channel's offset. oneDNN runs it with its vectorised channels-last kernel, 1.3-3.3x faster than
 # the slice copies or the gather below at B1's stage shapes (benchmarks/shift_kernels.py), and
 # autograd's backward is the same kernel. Products with 0 and 1 and sums with zeros are exact in
@@ -181,7 +183,7 @@ def _conv_shift_applies(x: torch.Tensor, table: OffsetTable) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and _fp32_convs_exact()):
         return False
-    return _table_info(table)[2] is not None
+    return _table_info(table).kernel is not None
 
 
 @functools.lru_cache(maxsize=256)
@@ -202,34 +204,65 @@ def _conv_kernel(table: OffsetTable) -> tuple[torch.Tensor, tuple[int, int]] | N
 def _conv_shift(x: torch.Tensor, table: OffsetTable) -> torch.Tensor:
     """``x`` (B, H, W, C) shifted by one offset table as a one-hot depthwise convolution; returns a
     contiguous (B, H, W, C) tensor. Differentiable (the backward is the adjoint convolution)."""
-    kernel, padding = _table_info(table)[2]  # type: ignore[misc]
+    kernel, padding = _table_info(table).kernel  # type: ignore[misc]
     nchw = x.contiguous().permute(0, 3, 1, 2)  # a channels-last NCHW view, no copy
     return F.conv2d(nchw, kernel, padding=padding, groups=x.shape[-1]).permute(0, 2, 3, 1)
 
 
-# Per offset-table object: (the table, whether it is all zeros, its one-hot kernel or None). Keyed
-# by identity, so the hot path neither scans nor hashes the C pairs on every call (the entry keeps
-# the table, so its id cannot be reused while the entry lives).
-_TABLE_INFO: dict[int, tuple[OffsetTable, bool, tuple[torch.Tensor, tuple[int, int]] | None]] = {}
+class _TableInfo(NamedTuple):
+    table: OffsetTable
+    zero: bool  # all offsets zero: the shift is the identity
+    kernel: tuple[torch.Tensor, tuple[int, int]] | None  # one-hot depthwise kernel and padding
+    offsets: torch.Tensor  # (C, 2) int32, for the native kernel
+    adjoint: torch.Tensor  # -offsets: the backward's shift
 
 
-def _table_info(table: OffsetTable) -> tuple[OffsetTable, bool, tuple[torch.Tensor, tuple[int, int]] | None]:
+# Per offset-table object. Keyed by identity, so the hot path neither scans nor hashes the C pairs
+# on every call (the entry keeps the table, so its id cannot be reused while the entry lives).
+_TABLE_INFO: dict[int, _TableInfo] = {}
+
+
+def _table_info(table: OffsetTable) -> _TableInfo:
     entry = _TABLE_INFO.get(id(table))
-    if entry is None or entry[0] is not table:
+    if entry is None or entry.table is not table:
         if len(_TABLE_INFO) >= 1024:
             _TABLE_INFO.clear()
         zero = not any(dy or dx for dy, dx in table)
-        entry = _TABLE_INFO[id(table)] = (table, zero, None if zero else _conv_kernel(table))
+        with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+            offsets = torch.tensor(table, dtype=torch.int32).reshape(len(table), 2)
+            entry = _TABLE_INFO[id(table)] = _TableInfo(
+                table, zero, None if zero else _conv_kernel(table), offsets, -offsets)
     return entry
 
 
+class _NativeShift(torch.autograd.Function):
+    """The native one-pass shift; its backward is the same kernel with the negated offsets."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offsets: torch.Tensor, adjoint: torch.Tensor) -> torch.Tensor:
+        ctx.offsets = (offsets, adjoint)
+        return torch.ops.cyclemlp.shift(x, offsets)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        offsets, adjoint = ctx.offsets
+        return _NativeShift.apply(grad, adjoint, offsets), None, None
+
+
+def _native_applies(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dim() == 4 and not x.is_complex() and native.available()
+
+
 def eager_shift(x: torch.Tensor, table: OffsetTable) -> torch.Tensor:
-    """One offset table in eager mode, differentiable: ``x`` itself for a table of zeros, the
-    depthwise convolution on CPU float32, the gather/slice kernels elsewhere."""
-    _, zero, kernel = _table_info(table)
-    if zero:
+    """One offset table in eager mode, differentiable: ``x`` itself for a table of zeros; on CPU the
+    native kernel (:mod:`cyclemlp.native`), or where it cannot be built the depthwise convolution
+    (float32); the gather/slice kernels elsewhere."""
+    info = _table_info(table)
+    if info.zero:
         return x
-    if kernel is not None and _conv_shift_applies(x, table):
+    if _native_applies(x):
+        return _NativeShift.apply(x, info.offsets, info.adjoint)
+    if info.kernel is not None and _conv_shift_applies(x, table):
         return _conv_shift(x, table)
     return _ShiftStack.apply(x, (table,))
 

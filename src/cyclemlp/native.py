@@ -1,0 +1,124 @@
+"""The native CPU shift of Cycle FC: a small C++ kernel, compiled on first use.
+
+Cycle FC's shift moves every channel by its own offset. No PyTorch operator does that in one pass:
+the eager CPU fallback runs it as a one-hot depthwise convolution, which costs about twice a copy
+once the activation leaves the cache (README, Performance). ``csrc/shift.cpp`` does it at copy
+speed: each output pixel reads the few source pixels its channels' offsets point at and keeps the
+right one per channel, vectorised, in parallel over rows with ATen's thread pool. It moves bits,
+so it equals the copy definition exactly for every dtype.
+
+The kernel is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``ninja`` comes
+with the package's dependencies) into PyTorch's extension cache the first time a process needs it,
+about 20 s once per source version, then loaded from the cache in well under a second. ``bash
+setup.sh`` builds it ahead. Where it cannot be built the shift
+falls back to the convolution and the copy kernels, with one warning per process naming the
+reason. ``CYCLEMLP_NATIVE=0`` turns the native kernel off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV_VAR", "available", "build_error", "shift"]
+
+ENV_VAR = "CYCLEMLP_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "shift.cpp"
+_EXTENSION = "cyclemlp_shift"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "ok": False, "error": None}
+
+
+def enabled() -> bool:
+    """False when ``$CYCLEMLP_NATIVE`` says off (0, false, no, off)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _op_registered() -> bool:
+    try:
+        torch.ops.cyclemlp.shift  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _build() -> None:
+    # a CUDA build of torch looks for CUDA on import of cpp_extension and logs that it found none:
+    # not news for a CPU kernel
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=_EXTENSION, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                           is_python_module=False, verbose=False)
+    finally:
+        cpp_log.setLevel(level)
+
+    @torch.library.register_fake("cyclemlp::shift")
+    def _(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+
+def available() -> bool:
+    """Whether ``torch.ops.cyclemlp.shift`` is ready, building or loading it on the first call.
+    Never raises: a failed build warns once and returns False (the fallbacks take over)."""
+    if _state["tried"]:
+        return bool(_state["ok"])
+    with _lock:
+        if not _state["tried"]:
+            if not enabled():
+                _state["error"] = f"turned off by {ENV_VAR}={os.environ.get(ENV_VAR)}"
+            elif _op_registered():
+                _state["ok"] = True
+            else:
+                try:
+                    _build()
+                    _state["ok"] = True
+                except Exception as err:  # no compiler, no ninja, read-only cache, ...: fall back
+                    _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                    warnings.warn(
+                        f"cyclemlp: the native shift kernel could not be built ({_state['error']}); Cycle FC falls "
+                        f"back to slower PyTorch kernels. It needs a C++ compiler and ninja (pip install ninja); "
+                        f"set {ENV_VAR}=0 to silence this.", RuntimeWarning, stacklevel=2)
+            _state["tried"] = True
+    return bool(_state["ok"])
+
+
+def build_error() -> str | None:
+    """Why the native kernel is not in use (after :func:`available` was asked), or None."""
+    return None if _state["ok"] else (str(_state["error"]) if _state["error"] else None)
+
+
+def shift(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out[b, y, x, c] = x[b, y + offsets[c, 0], x + offsets[c, 1], c]``, zeros outside; ``x`` is
+    (B, H, W, C) on the CPU, ``offsets`` (C, 2) integers. Not differentiable by itself (the caller
+    pairs it with its adjoint, the shift by ``-offsets``)."""
+    if not available():
+        raise RuntimeError(f"the native shift kernel is not available: {build_error()}")
+    return torch.ops.cyclemlp.shift(x, offsets)
+
+
+def main() -> int:
+    """Build (or load) the kernel now and say whether it works (``bash setup.sh`` runs this)."""
+    if available():
+        x = torch.arange(2 * 3 * 4 * 3, dtype=torch.float32).reshape(2, 3, 4, 3)
+        got = shift(x, torch.tensor([[0, -1], [0, 0], [1, 1]], dtype=torch.int32))
+        want = torch.zeros_like(x)
+        want[:, :, 1:, 0] = x[:, :, :-1, 0]
+        want[..., 1] = x[..., 1]
+        want[:, :-1, :-1, 2] = x[:, 1:, 1:, 2]
+        if not torch.equal(got, want):
+            print("cyclemlp native shift: built, but gives wrong results; set CYCLEMLP_NATIVE=0")
+            return 1
+        print("cyclemlp native shift: ready")
+        return 0
+    print(f"cyclemlp native shift: not available ({build_error()}); the PyTorch fallbacks are used")
+    return 0 if not enabled() else 1
