@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -29,7 +30,8 @@ __all__ = ["ENV_VAR", "available", "build_error", "shift"]
 
 ENV_VAR = "CYCLEMLP_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "shift.cpp"
-_EXTENSION = "cyclemlp_shift"
+# one build per torch version: an extension compiled against another libtorch may not load
+_EXTENSION = "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}
