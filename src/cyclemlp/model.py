@@ -116,8 +116,8 @@ class CycleMixer(nn.Module):
     ``branches`` selects a subset of the three branches (for ablations).
 
     The forward computes exactly that, arranged for speed. The branches' shifted inputs are
-    ``X = [shift_w(x), shift_h(x), x]`` (eagerly: two one-hot depthwise convolutions and ``x``
-    itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch is
+    ``X = [shift_w(x), shift_h(x), x]`` (eagerly: two shifts by the native CPU kernel, or its
+    fallbacks, and ``x`` itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch is
     linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and the
     softmax-weighted sum of the branch outputs is a batched matrix product of ``X`` with
     per-image weights ``a_k[o] * W_k[o, i]`` — no branch output is ever materialised.
@@ -168,8 +168,8 @@ class CycleMixer(nn.Module):
         fold = self.dim <= self.fold_max_dim
         eager = eager_mixing()
         if eager:
-            # the shifted inputs of the branches as separate tensors (a shift is one depthwise
-            # convolution on CPU, the unshifted branch reads x itself)
+            # the shifted inputs of the branches as separate tensors (a shift is one pass of the
+            # native kernel on CPU, the unshifted branch reads x itself)
             parts = [eager_shift(x, table).reshape(batch, height * width, dim) for table in self.offset_tables]
             means = torch.cat([part.mean(dim=1) for part in parts], dim=1)
         else:
