@@ -1,6 +1,7 @@
 """Cycle FC: offsets, equivalence with the authors' deform_conv2d formulation, gradients, tracing."""
 
 import importlib
+import importlib.util
 
 import pytest
 import torch

@@ -160,14 +160,15 @@ def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
 
 # --- eager CPU shift as a depthwise convolution ------------------------------------------------
 #
-# The fallback where the native kernel (cyclemlp.native) cannot be built. One offset table is a depthwise convolution whose kernel has a single 1 per channel, at the
-# channel's offset. oneDNN runs it with its vectorised channels-last kernel, 1.3-3.3x faster than
-# the slice copies or the gather below at B1's stage shapes (benchmarks/shift_kernels.py), and
-# autograd's backward is the same kernel. Products with 0 and 1 and sums with zeros are exact in
-# IEEE arithmetic, so the result equals the copy bit for bit, with two exceptions that only matter
-# for non-finite input: an Inf or NaN also turns its channel's neighbours within the kernel into
-# NaN (0 * Inf; the authors' deform_conv2d spreads it further, through its zero-weight bilinear
-# taps), and -0.0 comes out as +0.0.
+# The fallback where the native kernel (cyclemlp.native) cannot be built. One offset table is a
+# depthwise convolution whose kernel has a single 1 per channel, at the channel's offset. oneDNN
+# runs it with its vectorised channels-last kernel, 1.3-3.3x faster than the slice copies or the
+# gather below at B1's stage shapes (benchmarks/shift_kernels.py), and autograd's backward is the
+# same kernel. Products with 0 and 1 and sums with zeros are exact in IEEE arithmetic, so the
+# result equals the copy bit for bit, with two exceptions that only matter for non-finite input: an
+# Inf or NaN also turns its channel's neighbours within the kernel into NaN (0 * Inf; the authors'
+# deform_conv2d spreads it further, through its zero-weight bilinear taps), and -0.0 comes out as
+# +0.0.
 _CONV_MAX_TAPS = 16
 
 
@@ -402,7 +403,8 @@ def cycle_shift(x: torch.Tensor, offsets: torch.Tensor | Sequence[Sequence[int]]
     """Shift every channel of ``x`` (B, H, W, C) by its own offset, reading zeros outside.
 
     ``out[b, y, x, i] = x[b, y + dy_i, x + dx_i, i]`` for ``offsets[i] = (dy_i, dx_i)``.
-    Implemented as a zero pad by the largest offset followed by one gather with a flat index.
+    Eagerly on CPU one pass of the native kernel (or its fallbacks, see :func:`eager_shift`); in graph
+    mode a zero pad by the largest offset followed by one gather with a flat index.
     """
     return shift_stack(x, (offsets,))
 

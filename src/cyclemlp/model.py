@@ -117,9 +117,9 @@ class CycleMixer(nn.Module):
 
     The forward computes exactly that, arranged for speed. The branches' shifted inputs are
     ``X = [shift_w(x), shift_h(x), x]`` (eagerly: two shifts by the native CPU kernel, or its
-    fallbacks, and ``x`` itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch is
-    linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and the
-    softmax-weighted sum of the branch outputs is a batched matrix product of ``X`` with
+    fallbacks, and ``x`` itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch
+    is linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and
+    the softmax-weighted sum of the branch outputs is a batched matrix product of ``X`` with
     per-image weights ``a_k[o] * W_k[o, i]`` — no branch output is ever materialised.
     """
 
