@@ -44,6 +44,8 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     assert done.returncode == 2 and "--mixup must be within [0, 10]" in done.stderr
     done = _bench("--model-ema", "1.5", "--output", str(tmp_path))
     assert done.returncode == 2 and "--model-ema must be within [0, 1]" in done.stderr
+    done = _bench("--lr", "0", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--lr must be positive; got 0.0" in done.stderr
     # the folder's runs were made under glibc's defaults (no record: from before the option)
     done = _bench("--reprob", "0.25", "--malloc", "keep", "--output", str(tmp_path))
     if platform.libc_ver()[0] == "glibc":
@@ -56,7 +58,7 @@ def test_recipe_options_checked_against_the_run_folder():
     from benchmarks.fashion_mnist.run import changed_option
 
     # the recipe's values (it keeps no weight EMA: decay 0)
-    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0, model_ema_decay=0.0)
+    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0, model_ema_decay=0.0, lr=3e-3)
     settings = dict(base, reprob=0.25)
     assert changed_option(dict(base, reprob=0.25), settings) is None
     assert changed_option(dict(reprob=0.25), settings) is None  # made before the other options existed
@@ -70,6 +72,9 @@ def test_recipe_options_checked_against_the_run_folder():
     assert changed_option({}, dict(base, model_ema_decay=0.999)) == (
         "weight EMA decay 0.0; pass --model-ema 0.0 to continue it")
     assert changed_option(dict(base, model_ema_decay=0.999), dict(base, model_ema_decay=0.999)) is None
+    # a folder made before the learning-rate option trained at the recipe's
+    assert changed_option(dict(reprob=0.25), dict(base, reprob=0.25, lr=1.5e-3)) == (
+        "learning rate 0.003; pass --lr 0.003 to continue it")
 
 
 def test_ema_option_sets_up_the_training_and_its_column():
@@ -86,6 +91,9 @@ def test_ema_option_sets_up_the_training_and_its_column():
     config = config_for(CYCLEMLP, plan, Path("unused"), args)
     assert config.model_ema and config.model_ema_decay == 0.999
     assert ("ema_top1", "EMA weights top-1 (%)") in COLUMNS
+    assert config_for(CYCLEMLP, plan, Path("unused"), args).lr == 3e-3  # the recipe's
+    args.lr = 1.5e-3
+    assert config_for(CYCLEMLP, plan, Path("unused"), args).lr == 1.5e-3
 
 
 @pytest.mark.slow

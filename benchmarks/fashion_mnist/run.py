@@ -8,6 +8,7 @@ wall-clock budget.
     python -m benchmarks.fashion_mnist.run --budget-min 30 --drop-path 0.1 # stochastic depth for every model
     python -m benchmarks.fashion_mnist.run --budget-min 60 --mixup 0.2 --weight-decay 0.1  # other recipe values
     python -m benchmarks.fashion_mnist.run --budget-min 60 --model-ema 0.999  # also evaluate a weight EMA
+    python -m benchmarks.fashion_mnist.run --budget-min 60 --lr 1.5e-3     # another peak learning rate
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —
@@ -62,6 +63,7 @@ RECIPE_OPTIONS = {
     "weight_decay": ("--weight-decay", "weight decay", 1.0), "mixup": ("--mixup", "Mixup alpha", 10.0),
     "cutmix": ("--cutmix", "CutMix alpha", 10.0),
     "model_ema_decay": ("--model-ema", "weight EMA decay", 1.0),
+    "lr": ("--lr", "learning rate", 1.0),
 }
 
 
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-ema", dest="model_ema_decay", type=float, default=None, metavar="DECAY",
                         help="also keep an exponential moving average of the weights with this per-step decay and "
                         "evaluate it every round (timm's ModelEmaV3; default: the recipe's, 0 = none)")
+    parser.add_argument("--lr", type=float, default=None, metavar="LR",
+                        help="peak learning rate of the cosine schedule for every model (default: the recipe's, 3e-3)")
     parser.add_argument("--cyclemlp-kwargs", type=json.loads, default=None, metavar="JSON",
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
@@ -321,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, (flag, _, largest) in RECIPE_OPTIONS.items():
         if not 0.0 <= settings[key] <= largest:
             parser.error(f"{flag} must be within [0, {largest:g}]; got {settings[key]}")
+    if settings["lr"] <= 0:
+        parser.error(f"--lr must be positive; got {settings['lr']}")
     if conditions_path.exists():
         problem = changed_option(conditions, settings)
         if problem:
