@@ -46,6 +46,8 @@ def test_bad_or_changed_recipe_options_are_a_clear_error(tmp_path):
     assert done.returncode == 2 and "--model-ema must be within [0, 1]" in done.stderr
     done = _bench("--lr", "0", "--output", str(tmp_path))
     assert done.returncode == 2 and "--lr must be positive; got 0.0" in done.stderr
+    done = _bench("--pad-crop", "9", "--output", str(tmp_path))
+    assert done.returncode == 2 and "--pad-crop must be within [0, 8]" in done.stderr
     # the folder's runs were made under glibc's defaults (no record: from before the option)
     done = _bench("--reprob", "0.25", "--malloc", "keep", "--output", str(tmp_path))
     if platform.libc_ver()[0] == "glibc":
@@ -58,7 +60,8 @@ def test_recipe_options_checked_against_the_run_folder():
     from benchmarks.fashion_mnist.run import changed_option
 
     # the recipe's values (it keeps no weight EMA: decay 0)
-    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0, model_ema_decay=0.0, lr=3e-3)
+    base = dict(reprob=0.0, drop_path=0.0, weight_decay=0.05, mixup=0.0, cutmix=0.0, model_ema_decay=0.0, lr=3e-3,
+                pad_crop=0)
     settings = dict(base, reprob=0.25)
     assert changed_option(dict(base, reprob=0.25), settings) is None
     assert changed_option(dict(reprob=0.25), settings) is None  # made before the other options existed
@@ -75,6 +78,7 @@ def test_recipe_options_checked_against_the_run_folder():
     # a folder made before the learning-rate option trained at the recipe's
     assert changed_option(dict(reprob=0.25), dict(base, reprob=0.25, lr=1.5e-3)) == (
         "learning rate 0.003; pass --lr 0.003 to continue it")
+    assert changed_option(dict(base), dict(base, pad_crop=2)) == "translation padding 0; pass --pad-crop 0 to continue it"
 
 
 def test_ema_option_sets_up_the_training_and_its_column():
@@ -94,6 +98,9 @@ def test_ema_option_sets_up_the_training_and_its_column():
     assert config_for(CYCLEMLP, plan, Path("unused"), args).lr == 3e-3  # the recipe's
     args.lr = 1.5e-3
     assert config_for(CYCLEMLP, plan, Path("unused"), args).lr == 1.5e-3
+    assert config_for(CYCLEMLP, plan, Path("unused"), args).pad_crop == 0
+    args.pad_crop = 2
+    assert config_for(CYCLEMLP, plan, Path("unused"), args).pad_crop == 2
 
 
 @pytest.mark.slow

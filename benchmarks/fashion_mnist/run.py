@@ -9,6 +9,7 @@ wall-clock budget.
     python -m benchmarks.fashion_mnist.run --budget-min 60 --mixup 0.2 --weight-decay 0.1  # other recipe values
     python -m benchmarks.fashion_mnist.run --budget-min 60 --model-ema 0.999  # also evaluate a weight EMA
     python -m benchmarks.fashion_mnist.run --budget-min 60 --lr 1.5e-3     # another peak learning rate
+    python -m benchmarks.fashion_mnist.run --budget-min 60 --pad-crop 2    # random translation by up to 2 px
 
 Fairness: every model sees the same images — Fashion-MNIST resized from 28x28 to 32x32
 (bilinear; 32 is the smallest size every peer's stride-32 network accepts), one grey channel —
@@ -63,7 +64,7 @@ RECIPE_OPTIONS = {
     "weight_decay": ("--weight-decay", "weight decay", 1.0), "mixup": ("--mixup", "Mixup alpha", 10.0),
     "cutmix": ("--cutmix", "CutMix alpha", 10.0),
     "model_ema_decay": ("--model-ema", "weight EMA decay", 1.0),
-    "lr": ("--lr", "learning rate", 1.0),
+    "lr": ("--lr", "learning rate", 1.0), "pad_crop": ("--pad-crop", "translation padding", 8),
 }
 
 
@@ -72,7 +73,8 @@ def recipe_settings() -> dict[str, float]:
     stands for no weight EMA (the recipe keeps none)."""
     values = recipe("fashion-mnist")
     decay = values.get("model_ema_decay", TrainConfig.model_ema_decay) if values["model_ema"] else 0.0
-    return {key: decay if key == "model_ema_decay" else values[key] for key in RECIPE_OPTIONS}
+    return {key: decay if key == "model_ema_decay" else values.get(key, getattr(TrainConfig, key))
+            for key in RECIPE_OPTIONS}
 
 
 @dataclass
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluate it every round (timm's ModelEmaV3; default: the recipe's, 0 = none)")
     parser.add_argument("--lr", type=float, default=None, metavar="LR",
                         help="peak learning rate of the cosine schedule for every model (default: the recipe's, 3e-3)")
+    parser.add_argument("--pad-crop", type=int, default=None, metavar="N",
+                        help="random translation for every model: pad by N black pixels and crop back to size "
+                        "(default: the recipe's, 0 = none)")
     parser.add_argument("--cyclemlp-kwargs", type=json.loads, default=None, metavar="JSON",
                         help=f"CycleMLP arguments (default {json.dumps(CYCLEMLP.kwargs)})")
     parser.add_argument("--output", default="benchmarks/fashion_mnist/results", help="results folder")
