@@ -118,10 +118,10 @@ def measure_throughput(entry: Entry, img_size: int, batch_size: int, threads: in
     CPU time of this process, not wall time: on a shared machine the wall time depends on what
     else runs, the CPU time a model needs much less (with one thread it is the wall time of an
     idle machine). ``warmup`` steps first (allocation, oneDNN kernel selection), then ``steps``
-    timed ones. Single steps vary by about 10 % and drift in phases, so short probes misjudge:
-    6 timed steps after 2 missed a steady speed by about 10 %, and 20 after 4, with two threads,
-    by up to 20 % (CycleMLP measured 455 and 549, resnet18 291 and 250 images per CPU second in
-    two probes on an idle machine)."""
+    timed ones. Single steps vary by about 10 % and drift in slower and faster phases, so short
+    probes misjudge: 6 timed steps after 2 missed a steady speed by about 10 %; with two threads, a
+    20-step and a 60-step probe back to back on an idle machine gave CycleMLP 455 and 549, resnet18
+    291 and 250 images per CPU second. 60 steps average over more of that drift; none removes it."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(entry.model, num_classes=10, in_chans=1, **entry.kwargs)
