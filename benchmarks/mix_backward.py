@@ -1,4 +1,4 @@
-"""The two backward strategies of the token mixer's branch mix (``cyclemlp.functional``), timed
+"""The two backward strategies of the token mixer's branch mix (``cyclemlp.layers.kernels``), timed
 at the same shapes in one run, to place the switch ``_per_image_backward``; and the per-image
 strategy against its earlier form over one stacked (B, C, n, C) product (``stacked``, kept here as
 the baseline).
@@ -13,13 +13,11 @@ between the gradients of the strategies.
 
 from __future__ import annotations
 
-
 import torch
 
 from benchmarks.kernel_timing import best_time
 from benchmarks.kernel_timing import parser as kernel_parser
-
-from cyclemlp.functional import _mix_backward_per_branch, _mix_backward_per_image
+from cyclemlp.layers.kernels import _mix_backward_per_branch, _mix_backward_per_image
 
 # (positions, channels): B1's four stages at 224 (56², 28², 14², 7²) and at 32 (8² ... 1²), and
 # the widths of B2-B5's later stages

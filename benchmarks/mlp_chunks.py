@@ -5,7 +5,7 @@ over whole tensors, timed at the same shapes in one run, alone and inside B1.
     python -m benchmarks.mlp_chunks --quick --whole-max-elements 0   # smoke run, chunks everywhere
 
 For each of B1's four stage shapes at 224 (batch 32): inference (oneDNN, residual add fused) and
-a training step (forward + backward) of the MLP, whole-tensor vs ``cyclemlp.functional``'s
+a training step (forward + backward) of the MLP, whole-tensor vs ``cyclemlp.layers.kernels``'s
 chunked form, and the chunked form's times at other chunk sizes (in hidden-layer elements);
 then whole cyclemlp_b1 inference (batch 32) and training (forward + backward + AdamW) with the
 chunked MLP switched off and on. Under glibc's default allocator (the default here) every fresh
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 import cyclemlp  # noqa: F401  (registers the models)
-import cyclemlp.functional as functional
+import cyclemlp.layers.kernels as functional
 from benchmarks.kernel_timing import best_time
 from benchmarks.kernel_timing import parser as kernel_parser
-from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice, malloc_in_force
+from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice, malloc_in_force
 
 # (H = W, C): B1's four stages at 224
 SHAPES = [(56, 64), (28, 128), (14, 320), (7, 512)]
@@ -40,20 +40,20 @@ def chunking(on: bool, elements: int | None = None) -> Iterator[None]:
     saved_applies, saved_elements = functional.chunked_mlp_applies, functional._MLP_CHUNK_ELEMENTS
     if not on:
         functional._MLP_CHUNK_ELEMENTS = 1 << 62  # one chunk: the whole tensor
-        cyclemlp.model.chunked_mlp_applies = lambda x, hidden: False  # training: plain autograd + gelu_linear
+        cyclemlp.models.cyclemlp.chunked_mlp_applies = lambda x, hidden: False  # training: plain autograd + gelu_linear
     elif elements is not None:
         functional._MLP_CHUNK_ELEMENTS = elements
     try:
         yield
     finally:
         functional._MLP_CHUNK_ELEMENTS = saved_elements
-        cyclemlp.model.chunked_mlp_applies = saved_applies
+        cyclemlp.models.cyclemlp.chunked_mlp_applies = saved_applies
 
 
 def mlp_times(size: int, dim: int, batch: int, repeats: int, elements: int | None, on: bool):
     """(inference s, training s, output, gradients) of B1's MLP at one stage shape."""
     torch.manual_seed(0)
-    mlp = cyclemlp.model.ChannelMlp(dim, 4 * dim)
+    mlp = cyclemlp.models.cyclemlp.ChannelMlp(dim, 4 * dim)
     x = torch.randn(batch, size, size, dim)
     residual = torch.randn_like(x)
     grad = torch.randn_like(x)

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import cyclemlp  # noqa: F401  (registers the models)
-from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice
+from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice
 
 PRODUCT_NAMES = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
                  "mkldnn::_linear_pointwise",

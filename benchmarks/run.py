@@ -40,17 +40,19 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+for _path in (ROOT / "src", ROOT / "tests"):  # the package, and the authors' formulation in tests/
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import timm  # noqa: E402
+from deform_reference import DeformCycleFC, deform_model  # noqa: E402
 
 import cyclemlp  # noqa: E402,F401  (registers the models)
-from benchmarks.deform_reference import DeformCycleFC, deform_model  # noqa: E402
 from benchmarks.gemm_bound import ceiling_seconds, record_products, replay_seconds  # noqa: E402
-from cyclemlp import CycleFC, count_cost, native  # noqa: E402
-from cyclemlp.checkpoint import atomic_write  # noqa: E402
-from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice, malloc_in_force  # noqa: E402
+from cyclemlp import CycleFC, count_cost
+from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice, malloc_in_force  # noqa: E402
+from cyclemlp.io import atomic_write  # noqa: E402
+from cyclemlp.layers import native  # noqa: E402
 
 B1_STAGES = [(56, 64), (28, 128), (14, 320), (7, 512)]  # (side, channels) of B1 at 224
 PEERS = ["pvt_v2_b1", "pvt_v2_b2", "resnet50", "swin_tiny_patch4_window7_224", "convnext_tiny", "poolformer_s24"]
@@ -299,7 +301,7 @@ def bench_models(names: list[str], batch: int, device: torch.device, repeats: in
 
 def bench_graph_modes(names: list[str], batch: int, device: torch.device, repeats: int) -> list[dict]:
     """Inference in eager, torch.compile and (CPU) ONNX Runtime for a few models."""
-    from cyclemlp.export import export_model
+    from cyclemlp.tools.export import export_model
 
     rows = []
     for name in names:

@@ -1,4 +1,4 @@
-"""The eager Cycle FC shift kernels of ``cyclemlp.cycle_fc``, timed at the same shapes in one run.
+"""The eager Cycle FC shift kernels of ``cyclemlp.layers.cycle_fc``, timed at the same shapes in one run.
 
     python -m benchmarks.shift_kernels [--threads 2]
 
@@ -9,7 +9,7 @@ input) at B1's stages at 224 and at 32x32 input:
 ``sliced``: the same stack by one strided copy per channel slice sharing an offset (these two
 place the switch ``_SLICED_MAX_ELEMENTS``; graph mode and non-CPU devices still use them).
 ``native``: what the eager CPU path builds, the two shifted inputs by the native one-pass kernel
-(``cyclemlp.native``; the unshifted branch reads the input itself). ``conv``: its fallback where
+(``cyclemlp.layers.native``; the unshifted branch reads the input itself). ``conv``: its fallback where
 that kernel cannot be built, the two as one-hot depthwise convolutions. ``copy``: two plain copies
 of the input, the memory traffic any shift must add. All results are compared for equality.
 """
@@ -23,7 +23,7 @@ import torch
 from benchmarks.kernel_timing import best_time
 from benchmarks.kernel_timing import parser as kernel_parser
 
-shift = importlib.import_module("cyclemlp.cycle_fc")
+shift = importlib.import_module("cyclemlp.layers.cycle_fc")
 
 # (batch, side, channels)
 SHAPES = [(8, 56, 64), (8, 28, 128), (8, 14, 320), (8, 7, 512), (32, 56, 64), (32, 7, 512),

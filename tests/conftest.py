@@ -5,8 +5,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the deform oracle lives in benchmarks/
-    sys.path.insert(0, ROOT)
+for path in (ROOT, os.path.join(ROOT, "tests")):  # benchmarks/, and the helpers beside this file
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 
 @pytest.fixture(autouse=True)

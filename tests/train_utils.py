@@ -13,7 +13,7 @@ import pytest
 import torch
 from timm.data import ImageNetInfo
 
-from cyclemlp.train import TrainConfig
+from cyclemlp.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # A four-stage CycleMLP small enough for seconds-long CPU runs.

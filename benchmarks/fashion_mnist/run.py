@@ -51,10 +51,10 @@ import timm
 import torch
 
 import cyclemlp  # noqa: F401  (registers CycleMLP with timm)
-from cyclemlp.checkpoint import atomic_write
-from cyclemlp.flops import count_cost
-from cyclemlp.runtime import add_malloc_argument, apply_malloc_choice, malloc_in_force
-from cyclemlp.train import TrainConfig, recipe, train
+from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice, malloc_in_force
+from cyclemlp.io import atomic_write
+from cyclemlp.tools.flops import count_cost
+from cyclemlp.training.train import TrainConfig, recipe, train
 
 TRAIN_IMAGES = 60000
 EVAL_IMAGES = 10000

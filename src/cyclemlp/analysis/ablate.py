@@ -1,7 +1,7 @@
 """The paper's token-mixer ablations as configurations trained under one budget.
 
 Every variant is CycleMLP with one change to its token mixer, trained by
-:func:`cyclemlp.train.train` with the same settings, data subset, schedule and seed:
+:func:`cyclemlp.training.train.train` with the same settings, data subset, schedule and seed:
 
 * without each of the three branches (width 1xK, height Kx1, channel FC);
 * stepsize 3 (the released models) vs 7 (the paper's text) vs a 2-D 3x3 stepsize (paper pattern);
@@ -26,8 +26,8 @@ import timm
 import torch
 from torch import nn
 
-from ..flops import count_cost
-from ..model import CycleBlock
+from ..models.cyclemlp import CycleBlock
+from ..tools.flops import count_cost
 from .report import save_figure, write_rows
 
 __all__ = [
@@ -89,7 +89,7 @@ class SpatialFCMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False) -> torch.Tensor:
         """``residual`` (added to the output) and ``onednn`` follow the call that
-        :class:`~cyclemlp.model.CycleBlock` makes of its mixer at inference; ``onednn`` is unused."""
+        :class:`~cyclemlp.models.cyclemlp.CycleBlock` makes of its mixer at inference; ``onednn`` is unused."""
         batch, height, width, dim = x.shape
         if (height, width) != (self.height, self.width):
             raise ValueError(
@@ -236,7 +236,7 @@ def run_ablation(
     Args:
         base: the CycleMLP model the variants change.
         variants: the ablations (:data:`VARIANTS` by default); the first is the reference.
-        train_config: :class:`cyclemlp.train.TrainConfig` fields shared by every run, over
+        train_config: :class:`cyclemlp.training.train.TrainConfig` fields shared by every run, over
             :data:`DEFAULT_TRAIN_CONFIG` (the ``fashion-mnist`` recipe, 56 px, 3 epochs on 5000
             training images, evaluated on 2000 test images).
         model_kwargs: constructor arguments shared by every variant (e.g. ``dims`` for narrower models).
@@ -245,7 +245,7 @@ def run_ablation(
             back, an interrupted one is resumed, so a stopped ablation continues where it stopped.
     """
     from ..data import native_in_chans
-    from ..train import TrainConfig, train
+    from ..training.train import TrainConfig, train
 
     if not variants:
         raise ValueError("no variants to train")

@@ -23,7 +23,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..io import atomic_write
 from .images import load_images
 from .models import build_model, last_stage_features, weights_label
 from .report import save_figure, write_rows

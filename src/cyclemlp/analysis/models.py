@@ -10,7 +10,6 @@ import timm
 import torch
 from torch import nn
 
-
 __all__ = ["build_model", "last_stage_features", "weights_label"]
 
 
@@ -21,7 +20,7 @@ def build_model(
 
     Args:
         name: any name ``timm.create_model`` knows (CycleMLP models are registered on import).
-        weights: a checkpoint file, loaded strictly by :func:`cyclemlp.evaluate.model_from_checkpoint`
+        weights: a checkpoint file, loaded strictly by :func:`cyclemlp.training.evaluate.model_from_checkpoint`
             (the project's training files rebuild the model they record: classes, channels, model
             arguments; the authors' files and plain state dicts work too). Random initialisation
             when None.
@@ -30,7 +29,7 @@ def build_model(
             switch (MLP-Mixer) are built as they are and keep their fixed input size.
         kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``in_chans``).
     """
-    from ..evaluate import model_from_checkpoint
+    from ..models.factory import model_from_checkpoint
 
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; see timm.list_models()")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..checkpoint import atomic_write
+from ..io import atomic_write
 
 __all__ = ["save_figure", "write_rows"]
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..flops import count_cost
+from ..tools.flops import count_cost
 from .memory import cpu_peak_supported, peak_memory
 from .models import build_model
 from .report import save_figure, write_rows

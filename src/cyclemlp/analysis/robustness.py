@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -157,12 +156,12 @@ class EvalModel:
 
 
 def load_eval_model(checkpoint: str | os.PathLike, label: str | None = None, model: str | None = None) -> EvalModel:
-    """Rebuild a trained classifier from a checkpoint (see :func:`cyclemlp.evaluate.model_from_checkpoint`)
+    """Rebuild a trained classifier from a checkpoint (see :func:`cyclemlp.training.evaluate.model_from_checkpoint`)
     with the preprocessing its run recorded (the model's pretrained configuration otherwise)."""
-    from ..evaluate import _data_config, model_from_checkpoint
+    from ..models.factory import data_config, model_from_checkpoint
 
     net, run, _ = model_from_checkpoint(checkpoint, model)
-    config = _data_config(net, run, None, None, None)
+    config = data_config(net, run, None, None, None)
     classes = list(run["classes"]) if run and run.get("classes") else None
     return EvalModel(label or (run or {}).get("model") or Path(checkpoint).stem, net, config, classes, str(checkpoint))
 
@@ -225,7 +224,7 @@ def corruption_errors(
     Returns ``{label: {"clean_error": e, "errors": {corruption: {severity: e}}, "images": n}}``.
     """
     from ..data import build_dataset, build_transform, collate_skip, default_splits
-    from ..evaluate import evaluate
+    from ..training.evaluate import evaluate
 
     if not models:
         raise ValueError("no models to evaluate")

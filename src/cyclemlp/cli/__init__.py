@@ -12,12 +12,12 @@ import logging
 import sys
 from typing import Sequence
 
-from ..checkpoint import CheckpointError
-from ..runtime import add_malloc_argument, apply_malloc_choice
+from ..io import CheckpointError
+from .malloc import add_malloc_argument, apply_malloc_choice
 
 # Subcommand modules, in the order ``cyclemlp --help`` lists them.
 COMMANDS: tuple[str, ...] = (
-    "train", "eval", "predict", "detect", "segment", "flops", "export", "bench",
+    "train", "eval", "predict", "detect", "segment", "flops", "export",
     "erf", "resolutions", "robustness", "ablate",
 )
 
@@ -51,8 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        if args.command != "bench":  # the benchmark decides for itself (benchmarks/run.py --malloc)
-            apply_malloc_choice(args.malloc)
+        apply_malloc_choice(args.malloc)
         return int(args.func(args) or 0)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         print(f"cyclemlp {args.command}: error: {err}", file=sys.stderr)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from ..checkpoint import atomic_write
-from ..dense_datasets import DETECTION_DATASETS, default_root
-from ..model import MODEL_CONFIGS
+from ..dense.datasets import DETECTION_DATASETS, default_root
+from ..io import atomic_write
+from ..models.cyclemlp import MODEL_CONFIGS
 from ._table import format_table
 
 # What the embedded datasets need besides the recipe: the detector that fits their annotations,
@@ -96,7 +96,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset(ann: str, images: str | None, masks: bool, train: bool):
-    from ..detection.data import CocoDataset
+    from ..dense.detection.data import CocoDataset
 
     if not images:
         raise ValueError(f"{ann}: give its image folder too")
@@ -104,7 +104,7 @@ def _dataset(ann: str, images: str | None, masks: bool, train: bool):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..detection.train import DetectionRecipe, train_detector
+    from ..dense.detection.train import DetectionRecipe, train_detector
 
     if args.backbone not in MODEL_CONFIGS and args.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
         raise ValueError(
@@ -146,9 +146,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..detection.evaluate import METRIC_NAMES
-    from ..detection.train import evaluate_detector, load_detector
-    from ..engine import resolve_device
+    from ..dense.detection.evaluate import METRIC_NAMES
+    from ..dense.detection.train import evaluate_detector, load_detector
+    from ..training.engine import resolve_device
 
     device = resolve_device(args.device)
     model, config, path = load_detector(args.checkpoint, device)
@@ -195,8 +195,8 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..detection.train import load_detector, predict_detections
-    from ..engine import resolve_device
+    from ..dense.detection.train import load_detector, predict_detections
+    from ..training.engine import resolve_device
 
     device = resolve_device(args.device)
     model, config, _ = load_detector(args.checkpoint, device)

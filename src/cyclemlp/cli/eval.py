@@ -9,8 +9,8 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from ..checkpoint import atomic_write
-from ..evaluate import evaluate_checkpoint
+from ..io import atomic_write
+from ..training.evaluate import evaluate_checkpoint
 
 
 def add_weights_args(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import timm
 import torch
 
-from ..checkpoint import load_checkpoint, read_state_dict
-from ..export import FORMATS, SUFFIX, export_model
-from ..model import CycleMLP
+from ..models.checkpoint import load_checkpoint, read_state_dict
+from ..models.cyclemlp import CycleMLP
+from ..tools.export import FORMATS, SUFFIX, export_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

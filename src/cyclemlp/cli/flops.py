@@ -8,9 +8,9 @@ from pathlib import Path
 
 import timm
 
-from ..checkpoint import atomic_write
-from ..flops import count_cost
-from ..model import MODEL_CONFIGS
+from ..io import atomic_write
+from ..models.cyclemlp import MODEL_CONFIGS
+from ..tools.flops import count_cost
 from ._table import format_table
 
 

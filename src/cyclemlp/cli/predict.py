@@ -7,8 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write
-from ..evaluate import predict
+from ..io import atomic_write
+from ..training.evaluate import predict
 from .eval import add_weights_args
 
 

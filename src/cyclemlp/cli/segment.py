@@ -8,9 +8,9 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from ..checkpoint import atomic_write
-from ..dense_datasets import SEGMENTATION_DATASETS, default_root
-from ..model import MODEL_CONFIGS
+from ..dense.datasets import SEGMENTATION_DATASETS, default_root
+from ..io import atomic_write
+from ..models.cyclemlp import MODEL_CONFIGS
 from ._table import format_table
 from .detect import image_files
 
@@ -121,8 +121,8 @@ def _resolve_data(args: argparse.Namespace) -> tuple[Path, list[str], bool, dict
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..segmentation.data import SegmentationDataset, train_transform
-    from ..segmentation.train import SegmentationRecipe, train_segmenter
+    from ..dense.segmentation.data import SegmentationDataset, train_transform
+    from ..dense.segmentation.train import SegmentationRecipe, train_segmenter
 
     backbone = args.backbone or DEFAULT_BACKBONE[args.model]
     if backbone not in MODEL_CONFIGS:
@@ -153,9 +153,9 @@ def _percent(value: float) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..engine import DistInfo, resolve_device
-    from ..segmentation.data import SegmentationDataset
-    from ..segmentation.train import SegmentationRecipe, evaluate_segmenter, load_segmenter
+    from ..dense.segmentation.data import SegmentationDataset
+    from ..dense.segmentation.train import SegmentationRecipe, evaluate_segmenter, load_segmenter
+    from ..training.engine import DistInfo, resolve_device
 
     device = resolve_device(args.device)
     model, config, path = load_segmenter(args.checkpoint, device)
@@ -190,8 +190,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..engine import resolve_device
-    from ..segmentation.train import load_segmenter, predict_segmentation
+    from ..dense.segmentation.train import load_segmenter, predict_segmentation
+    from ..training.engine import resolve_device
 
     device = resolve_device(args.device)
     model, config, _ = load_segmenter(args.checkpoint, device)

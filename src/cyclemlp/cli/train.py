@@ -11,8 +11,8 @@ import sys
 
 from timm.utils import ParseKwargs
 
-from ..engine import NonFiniteLossError
-from ..train import RECIPES, TrainConfig, train
+from ..training.engine import NonFiniteLossError
+from ..training.train import RECIPES, TrainConfig, train
 
 
 def _floats(n: int):

@@ -14,7 +14,6 @@ transformed once (:mod:`.cached`).
 
 from __future__ import annotations
 
-import math
 import os
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -23,8 +22,7 @@ import torch
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import _worker_init
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import transforms
 
 from .cached import CachedLoader, batch_augmentable, cache_images, cacheable, static_part

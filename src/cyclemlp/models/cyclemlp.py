@@ -1,0 +1,575 @@
+"""CycleMLP: A MLP-like Architecture for Dense Prediction.
+
+Chen, Xie, Ge, Liang, Luo — ICLR 2022, https://arxiv.org/abs/2107.10224
+
+Two layouts share the same block:
+
+* ``pvt`` (CycleMLP-B1...B5, the authors' release): overlapping 7x7/4 convolution stem and 3x3/2
+  convolution downsampling between stages, no norms in either.
+* ``swin`` (CycleMLP-T/S/B): 4x4/4 patch embedding with LayerNorm and Swin patch merging. The
+  authors never released this code; the layout was reconstructed by matching their FLOPs.
+
+Block (pre-norm): ``x = x + DropPath(mixer(LN(x)))``, ``x = x + DropPath(MLP(LN(x)))``. The token
+mixer runs three parallel branches — Cycle FC along the width (stepsize 1xK), Cycle FC along the
+height (Kx1) and a plain channel FC — and merges them with per-channel softmax weights computed
+from their global mean ("split attention"), followed by a projection.
+
+Feature maps are channels-last ``(B, H, W, C)`` inside the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
+from timm.models._features import feature_take_indices
+from timm.models._registry import generate_default_cfgs, register_model
+from timm.models.swin_transformer import PatchMerging
+from torch import nn
+
+from ..layers.cycle_fc import CycleFC, Pattern, eager_shift, normalize_stepsize, shift_stack
+from ..layers.kernels import (
+    channel_mlp,
+    chunked_mlp_applies,
+    eager_mixing,
+    gelu_linear,
+    linear,
+    mix_branches,
+    mix_parts,
+    use_onednn,
+)
+from .checkpoint import checkpoint_filter_fn, load_checkpoint
+
+__all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
+
+BRANCHES: tuple[str, ...] = ("width", "height", "channel")
+
+# Leaves for torch.fx symbolic tracing (their bodies look at concrete shapes).
+for _leaf in ("shift_stack", "mix_branches", "gelu_linear"):
+    torch.fx.wrap(_leaf)
+    register_notrace_function(globals()[_leaf])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One row of the model table: everything that defines a registered CycleMLP."""
+
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    mlp_ratios: tuple[float, ...]
+    layout: str
+    drop_path_rate: float
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return dict(
+            depths=self.depths,
+            dims=self.dims,
+            mlp_ratios=self.mlp_ratios,
+            layout=self.layout,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+
+# The single source of truth for every registered model (SPEC §2 and §3).
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "cyclemlp_b1": ModelConfig((2, 2, 4, 2), (64, 128, 320, 512), (4, 4, 4, 4), "pvt", 0.1),
+    "cyclemlp_b2": ModelConfig((2, 3, 10, 3), (64, 128, 320, 512), (4, 4, 4, 4), "pvt", 0.1),
+    "cyclemlp_b3": ModelConfig((3, 4, 18, 3), (64, 128, 320, 512), (8, 8, 4, 4), "pvt", 0.1),
+    "cyclemlp_b4": ModelConfig((3, 8, 27, 3), (64, 128, 320, 512), (8, 8, 4, 4), "pvt", 0.1),
+    "cyclemlp_b5": ModelConfig((3, 4, 24, 3), (96, 192, 384, 768), (4, 4, 4, 4), "pvt", 0.1),
+    "cyclemlp_t": ModelConfig((2, 2, 6, 2), (96, 192, 384, 768), (4, 4, 4, 4), "swin", 0.2),
+    "cyclemlp_s": ModelConfig((2, 2, 18, 2), (96, 192, 384, 768), (4, 4, 4, 4), "swin", 0.3),
+    "cyclemlp_b": ModelConfig((2, 2, 18, 2), (128, 256, 512, 1024), (4, 4, 4, 4), "swin", 0.5),
+}
+
+
+def branch_stepsizes(stepsize: int | Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Stepsizes of the width and height branches: ``K`` gives ``(1, K)`` and ``(K, 1)``; a pair
+    ``(S_H, S_W)`` is used as is by the width branch and transposed by the height branch."""
+    if isinstance(stepsize, int) and not isinstance(stepsize, bool):
+        if stepsize < 1:
+            raise ValueError(f"stepsize must be >= 1, got {stepsize}")
+        return (1, stepsize), (stepsize, 1)
+    sh, sw = normalize_stepsize(stepsize)
+    return (sh, sw), (sw, sh)
+
+
+class ChannelMlp(nn.Module):
+    """Linear -> exact GELU -> Linear over the last dimension (timm's ``Mlp`` parameter names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        if onednn or chunked_mlp_applies(x, self.fc1.out_features):  # CPU: in row chunks
+            return channel_mlp(x, self.fc1, self.fc2, residual=residual, onednn=onednn)
+        out = gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        return out if residual is None else residual + out
+
+
+class CycleMixer(nn.Module):
+    """CycleMLP token mixer (called ``attn`` in the authors' code).
+
+    ``h = CycleFC_(1,K)(x)``, ``w = CycleFC_(K,1)(x)``, ``c = Linear(x)``; per-channel weights
+    ``a = softmax over branches of reweight(mean_HW(h + w + c))``; ``out = proj(a_h*h + a_w*w + a_c*c)``.
+    ``branches`` selects a subset of the three branches (for ablations).
+
+    The forward computes exactly that, arranged for speed. The branches' shifted inputs are
+    ``X = [shift_w(x), shift_h(x), x]`` (eagerly: two shifts by the native CPU kernel, or its
+    fallbacks, and ``x`` itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch
+    is linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and
+    the softmax-weighted sum of the branch outputs is a batched matrix product of ``X`` with
+    per-image weights ``a_k[o] * W_k[o, i]`` — no branch output is ever materialised.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        stepsize: int | Sequence[int] = 3,
+        pattern: Pattern = "official",
+        branches: Sequence[str] = BRANCHES,
+    ) -> None:
+        super().__init__()
+        branches = tuple(branches)
+        unknown = [b for b in branches if b not in BRANCHES]
+        if unknown or not branches or len(set(branches)) != len(branches):
+            raise ValueError(f"branches must be a non-empty subset of {BRANCHES}; got {branches}")
+        self.dim = dim
+        self.branches = branches
+        width_step, height_step = branch_stepsizes(stepsize)
+        self.width_fc = CycleFC(dim, dim, width_step, pattern) if "width" in branches else None
+        self.height_fc = CycleFC(dim, dim, height_step, pattern) if "height" in branches else None
+        self.channel_fc = nn.Linear(dim, dim, bias=False) if "channel" in branches else None
+        self.reweight = Mlp(dim, dim // 4, dim * len(branches))
+        self.proj = nn.Linear(dim, dim)
+        self.fold_max_dim = 128
+        no_shift = ((0, 0),) * dim
+        self.offset_tables = tuple(
+            fc.offset_table if isinstance(fc, CycleFC) else no_shift for fc in self._branch_layers()
+        )
+
+    def _branch_layers(self) -> list[nn.Module]:
+        return [fc for fc in (self.width_fc, self.height_fc, self.channel_fc) if fc is not None]
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        """Mix ``x`` (B, H, W, C); ``residual`` is added to the output (fused when ``onednn``)."""
+        batch, height, width, dim = x.shape
+        layers = self._branch_layers()
+        n = len(layers)
+        weight = torch.cat([fc.weight for fc in layers], dim=1)  # (C, n*C)
+        bias = torch.stack(
+            [fc.bias if fc.bias is not None else torch.zeros_like(fc.weight[:, 0]) for fc in layers], dim=1
+        )  # (C, n)
+        # small dims: per-image folded weights; large dims (where per-image weights would outweigh
+        # the activations): n products and a weighted sum
+        fold = self.dim <= self.fold_max_dim
+        eager = eager_mixing()
+        if eager:
+            # the shifted inputs of the branches as separate tensors (a shift is one pass of the
+            # native kernel on CPU, the unshifted branch reads x itself)
+            parts = [eager_shift(x, table).reshape(batch, height * width, dim) for table in self.offset_tables]
+            means = torch.cat([part.mean(dim=1) for part in parts], dim=1)
+        else:
+            # graph mode (export, compile, tracing): one gather builds them side by side
+            stacked = shift_stack(x, self.offset_tables).reshape(batch, height * width, n * dim)
+            means = stacked.mean(dim=1)
+        # mean over positions of the summed branch outputs, without computing them
+        pooled = F.linear(means, weight, bias.sum(dim=1))
+        # reweight's output index is channel * n + branch
+        # softmax over the n branches, taken across the (B, n, C) view: torch's softmax over a
+        # last dimension of size 3 is an order of magnitude slower than over a middle one
+        a = self.reweight(pooled).reshape(batch, dim, n).transpose(1, 2).softmax(dim=1).transpose(1, 2)  # (B, C, n)
+        if eager:
+            out = mix_parts(parts, x, self.offset_tables, a, weight, bias, fold, onednn)
+        else:
+            out = mix_branches(stacked, a, weight, bias, fold)
+        return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
+
+    def forward_plain(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    ) -> torch.Tensor:
+        """The same function written as the paper states it (branch outputs materialised, plain
+        ops whatever ``onednn`` says). Slower; the FLOP counter uses it because the authors'
+        convention counts each branch as its own layer."""
+        outs = [fc(x) for fc in self._branch_layers()]
+        a = sum(outs).mean(dim=(1, 2))
+        a = self.reweight(a).reshape(x.shape[0], 1, 1, self.dim, len(outs)).softmax(dim=-1)
+        return linear(sum(out * a[..., k] for k, out in enumerate(outs)), self.proj, residual=residual)
+
+
+class CycleBlock(nn.Module):
+    """Pre-norm CycleMLP block: token mixer then channel MLP, each residual with drop path."""
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        stepsize: int | Sequence[int] = 3,
+        pattern: Pattern = "official",
+        branches: Sequence[str] = BRANCHES,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = CycleMixer(dim, stepsize, pattern, branches)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and use_onednn(x):
+            # inference: the residual adds ride on the last Linear of each branch
+            x = self.mixer(self.norm1(x), residual=x, onednn=True)
+            return self.mlp(self.norm2(x), residual=x, onednn=True)
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvEmbed(nn.Module):
+    """Strided convolution from channels-last (or an NCHW image) to channels-last, optional LN.
+
+    Used as the stem of both layouts and as the downsampling of the ``pvt`` layout.
+    """
+
+    def __init__(
+        self, in_chans: int, dim: int, kernel: int, stride: int, padding: int, norm: bool = False,
+        channels_last_input: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channels_last_input = channels_last_input
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last_input:
+            x = x.permute(0, 3, 1, 2)  # an NCHW view of NHWC memory: conv keeps that format
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class CycleStage(nn.Module):
+    """Optional downsampling followed by a sequence of CycleMLP blocks."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        downsample: str | None,
+        mlp_ratio: float,
+        stepsize: int | Sequence[int],
+        pattern: Pattern,
+        branches: Sequence[str],
+        drop_path: Sequence[float],
+    ) -> None:
+        super().__init__()
+        if downsample == "conv":
+            self.downsample: nn.Module = ConvEmbed(in_dim, dim, 3, 2, 1)
+        elif downsample == "merge":
+            self.downsample = PatchMerging(in_dim, dim)
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(
+            *[CycleBlock(dim, mlp_ratio, stepsize, pattern, branches, drop_path[j]) for j in range(depth)]
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+def _check_image(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    if torch.jit.is_tracing():
+        return  # a traced graph keeps no Python checks
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"CycleMLP expects images of shape (B, {in_chans}, H, W); got {tuple(x.shape)}"
+        )
+    if not torch.compiler.is_compiling() and min(x.shape[2], x.shape[3]) < min_size:
+        raise ValueError(
+            f"CycleMLP needs images of at least {min_size}x{min_size} pixels; got "
+            f"{x.shape[2]}x{x.shape[3]}"
+        )
+
+
+torch.fx.wrap("_check_image")
+register_notrace_function(_check_image)
+
+
+class CycleMLP(nn.Module):
+    """CycleMLP backbone and classifier.
+
+    Args:
+        depths: blocks per stage.
+        dims: channels per stage.
+        mlp_ratios: hidden/in ratio of each stage's channel MLP.
+        layout: ``"pvt"`` (B1-B5: conv stem and conv downsampling) or ``"swin"`` (T/S/B: patch
+            embedding + LN and patch merging).
+        stepsize: Cycle FC stepsize of the token mixers; ``K`` means ``1xK`` and ``Kx1`` branches
+            (3 in the authors' weights), a pair ``(S_H, S_W)`` a 2-D stepsize (pattern ``paper``).
+        pattern: channel offset pattern, ``"official"`` or ``"paper"`` (see :mod:`cyclemlp.layers.cycle_fc`).
+        branches: token-mixer branches to keep, a subset of ``("width", "height", "channel")``.
+        in_chans: image channels.
+        num_classes: classifier outputs; 0 for no classifier.
+        global_pool: ``"avg"`` or ``""`` (no pooling in :meth:`forward_head`).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, growing linearly from 0 over all blocks.
+        dense_norms: add one LayerNorm per stage output, used by :meth:`forward_intermediates`
+            (the dense-prediction backbone of the paper).
+        stem_stride: reduction of the stem, 4 (the paper's) or 2 or 1 for small images: ``pvt``
+            keeps its 7x7 kernel (padding 2 at stride 4, else 3), so B1-B5 weights still load;
+            ``swin`` uses patches of that size, so the T/S/B stem weights no longer fit.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 4, 2),
+        dims: Sequence[int] = (64, 128, 320, 512),
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        layout: str = "pvt",
+        stepsize: int | Sequence[int] = 3,
+        pattern: Pattern = "official",
+        branches: Sequence[str] = BRANCHES,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dense_norms: bool = False,
+        stem_stride: int = 4,
+    ) -> None:
+        super().__init__()
+        depths, dims, mlp_ratios = tuple(depths), tuple(dims), tuple(mlp_ratios)
+        if not (len(depths) == len(dims) == len(mlp_ratios)) or not depths:
+            raise ValueError(
+                f"depths, dims and mlp_ratios need one entry per stage; got {depths}, {dims}, {mlp_ratios}"
+            )
+        if layout not in ("pvt", "swin"):
+            raise ValueError(f"layout must be 'pvt' or 'swin'; got {layout!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+        if type(stem_stride) is not int or stem_stride not in (1, 2, 4):
+            raise ValueError(f"stem_stride must be 4 (the paper's), 2 or 1; got {stem_stride!r}")
+        self.depths, self.dims, self.layout = depths, dims, layout
+        self.stepsize, self.pattern, self.branches = stepsize, pattern, tuple(branches)
+        self.stem_stride = stem_stride
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"
+        self._min_input = 3 if layout == "pvt" else 4
+
+        if layout == "pvt":
+            padding = 2 if stem_stride == 4 else 3  # 7x7: the paper's padding 2 at stride 4, else "same"
+            self.stem = ConvEmbed(in_chans, dims[0], 7, stem_stride, padding, channels_last_input=False)
+        else:
+            self.stem = ConvEmbed(
+                in_chans, dims[0], 4 if stem_stride == 4 else stem_stride, stem_stride, 0, norm=True,
+                channels_last_input=False,
+            )
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, first = [], 0
+        for i, depth in enumerate(depths):
+            downsample = None if i == 0 else ("conv" if layout == "pvt" else "merge")
+            stages.append(
+                CycleStage(
+                    dims[i - 1] if i else dims[0], dims[i], depth, downsample, mlp_ratios[i],
+                    stepsize, pattern, branches, rates[first:first + depth],
+                )
+            )
+            first += depth
+        self.stages = nn.Sequential(*stages)
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=stem_stride * 2**i, module=f"stages.{i}") for i in range(len(dims))
+        ]
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims) if dense_norms else None
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # --- timm model interface -------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stage_norms\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (strides 4, 8, 16, 32), through the per-stage norms if the model has them.
+
+        ``indices``: last n stages if an int, all if None, else the listed stages. ``norm`` is
+        accepted for timm compatibility; the dense norms are part of the model (``dense_norms``).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        _check_image(x, self.in_chans, self._min_input)
+        x = self.stem(x)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feat = self.stage_norms[i](x) if self.stage_norms is not None else x
+                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if self.stage_norms is not None:
+            self.stage_norms = self.stage_norms[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(B, C, H, W)`` -> final normalised features ``(B, H/32, W/32, C_last)``."""
+        _check_image(x, self.in_chans, self._min_input)
+        x = self.stages(self.stem(x))
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def load_pretrained(self, path: str) -> None:
+        """timm's hook for ``pretrained=True``: authors' or project files through our loader."""
+        load_checkpoint(self, path, strict=False, reset_head=True, adapt_in_chans=True)
+
+
+# --- timm registration ------------------------------------------------------------------------
+
+_RELEASE = "https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/"
+_RELEASE_FILES = {
+    "cyclemlp_b1": "CycleMLP_B1.pth", "cyclemlp_b2": "CycleMLP_B2.pth", "cyclemlp_b3": "CycleMLP_B3.pth",
+    "cyclemlp_b4": "CycleMLP_B4.pth", "cyclemlp_b5": "CycleMLP_B5.pth", "cyclemlp_t": "CycleMLP_tiny.pth",
+    "cyclemlp_s": "CycleMLP_small.pth", "cyclemlp_b": "CycleMLP_base.pth",
+}
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj", "classifier": "head", "license": "mit",
+        "paper_ids": "arXiv:2107.10224", "paper_name": "CycleMLP: A MLP-like Architecture for Dense Prediction",
+        "origin_url": "https://github.com/ShoufaChen/CycleMLP",
+        # Our loader reads the authors' container (prefers 'model', as they evaluated) and layout.
+        "custom_load": True,
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {f"{name}.in1k": _cfg(_RELEASE + file) for name, file in _RELEASE_FILES.items()}
+)
+
+
+def create(variant: str, pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """Build a registered CycleMLP through timm (``features_only`` adds the dense norms)."""
+    if variant not in MODEL_CONFIGS:
+        raise ValueError(f"unknown CycleMLP variant {variant!r}; known: {sorted(MODEL_CONFIGS)}")
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    if kwargs.get("features_only"):
+        kwargs.setdefault("dense_norms", True)
+    model_kwargs = {**MODEL_CONFIGS[variant].as_kwargs(), **kwargs}
+    return build_model_with_cfg(
+        CycleMLP,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        # features_only models carry dense norms that classification files do not have
+        pretrained_strict=not kwargs.get("features_only", False),
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **model_kwargs,
+    )
+
+
+def _register(name: str) -> None:
+    def builder(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+        return create(name, pretrained=pretrained, **kwargs)
+
+    builder.__name__ = name
+    builder.__qualname__ = name
+    builder.__doc__ = f"CycleMLP {name.split('_')[1].upper()} ({MODEL_CONFIGS[name]})."
+    builder.__module__ = __name__
+    globals()[name] = register_model(builder)
+
+
+for _name in MODEL_CONFIGS:
+    _register(_name)

@@ -1,0 +1,1 @@
+"""Tools around a model: FLOP counting (:mod:`.flops`) and export (:mod:`.export`)."""

@@ -1,0 +1,342 @@
+"""The eight CycleMLP models: configurations, timm interface, sizes, equivalence with the authors'."""
+
+import pytest
+import timm
+import torch
+from deform_reference import deform_model
+
+import cyclemlp
+from cyclemlp import MODEL_CONFIGS, CycleMLP, count_cost
+
+# SPEC §2 (B1-B5, authors' table and fvcore count) and §3 (T/S/B, derived).
+EXPECTED = {
+    "cyclemlp_b1": (15.2, 2.131),
+    "cyclemlp_b2": (26.8, 3.890),
+    "cyclemlp_b3": (38.4, 6.853),
+    "cyclemlp_b4": (51.8, 10.059),
+    "cyclemlp_b5": (75.7, 12.267),
+    "cyclemlp_t": (30.4, 4.37),
+    "cyclemlp_s": (53.5, 8.54),
+    "cyclemlp_b": (94.7, 15.17),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_params_and_gmacs_reproduce_spec(name):
+    params_m, gmacs = EXPECTED[name]
+    cost = count_cost(timm.create_model(name))
+    assert abs(cost.params_m - params_m) <= 0.1
+    assert abs(cost.gmacs - gmacs) <= (0.0015 if name[-2] == "b" and name[-1].isdigit() else 0.01)
+    assert cost.flops > 0 and cost.macs > cost.flops / 2  # LayerNorm adds to MACs only
+
+
+def test_gmacs_grow_linearly_with_pixels():
+    model = timm.create_model("cyclemlp_b1")
+    small, big = count_cost(model, 256), count_cost(model, 512)
+    assert big.macs / small.macs == pytest.approx(4.0, rel=0.01)
+
+
+def test_all_registered_in_timm():
+    for name in MODEL_CONFIGS:
+        assert timm.is_model(name)
+        cfg = timm.get_pretrained_cfg(name).to_dict()
+        assert cfg["url"].startswith("https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/")
+        assert cfg["input_size"] == (3, 224, 224)
+        assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+        assert cfg["license"] == "mit"
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_create_model_kwargs_and_odd_sizes(name):
+    model = timm.create_model(name, num_classes=7, in_chans=1, drop_path_rate=0.05).eval()
+    assert model.head.out_features == 7 and model.stem.proj.in_channels == 1
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 97, 161)).shape == (1, 7)
+
+
+def test_drop_path_schedule():
+    model = timm.create_model("cyclemlp_b1", drop_path_rate=0.3)
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+             for s in model.stages for b in s.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and len(rates) == 10
+    assert rates == sorted(rates)
+
+
+def test_non_square_large_input():
+    model = timm.create_model("cyclemlp_b1", features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 512, 1024))
+    assert [tuple(f.shape[2:]) for f in feats] == [(128, 256), (64, 128), (32, 64), (16, 32)]
+
+
+@pytest.mark.parametrize("name", ["cyclemlp_b1", "cyclemlp_t"])
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    x = torch.randn(2, 3, 97, 161)
+    with torch.no_grad():
+        feats = model(x)
+    assert len(feats) == 4
+    for f, c in zip(feats, model.feature_info.channels()):
+        assert f.shape[:2] == (2, c)
+    sub = timm.create_model(name, features_only=True, out_indices=(1, 3))
+    assert sub.feature_info.channels() == [model.feature_info.channels()[1], model.feature_info.channels()[3]]
+    with torch.no_grad():
+        assert [f.shape[1] for f in sub(x)] == sub.feature_info.channels()
+
+
+def test_forward_api():
+    model = timm.create_model("cyclemlp_b1", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 2, 3, 512)  # NHWC
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
+        logits = model.forward_head(feats)
+        torch.testing.assert_close(logits, model(x))
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert [t.shape[1] for t in inter] == [64, 128, 320, 512]
+        assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+        nhwc = model.forward_intermediates(x, indices=[0], output_fmt="NHWC", intermediates_only=True)
+        assert nhwc[0].shape == (2, 16, 24, 64)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 512)
+    assert model.get_classifier() is model.head
+
+
+def test_grad_checkpointing_same_result():
+    model = timm.create_model("cyclemlp_b1", num_classes=4, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    ref.sum().backward()
+    grad = model.stem.proj.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(model.stem.proj.weight.grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_custom_variant_and_ablation_options():
+    model = CycleMLP(
+        depths=(1, 1), dims=(16, 32), mlp_ratios=(2, 2), stepsize=(3, 3), pattern="paper",
+        branches=("width", "channel"), in_chans=2, num_classes=3, drop_path_rate=0.0,
+    )
+    assert model(torch.randn(2, 2, 40, 24)).shape == (2, 3)
+    assert model.stages[0].blocks[0].mixer.height_fc is None
+    assert model.stages[0].blocks[0].mixer.reweight.fc2.out_features == 32
+    with pytest.raises(ValueError, match="branches"):
+        CycleMLP(branches=("width", "spatial"))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        CycleMLP(depths=(1, 1), dims=(8,))
+    with pytest.raises(ValueError, match="layout"):
+        CycleMLP(layout="convnext")
+
+
+@pytest.mark.parametrize("layout", ["pvt", "swin"])
+def test_stem_stride_keeps_resolution_and_weights(layout):
+    """A stride-2 stem doubles every stage's grid; its weights have the paper stem's shape, so a
+    stride-4 model's state dict loads into it unchanged."""
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), layout=layout, in_chans=1, num_classes=3)
+    paper = CycleMLP(**kwargs)
+    fine = CycleMLP(stem_stride=2, **kwargs)
+    if layout == "pvt":
+        fine.load_state_dict(paper.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    grids = [f.shape[-1] for f in fine.forward_intermediates(x, intermediates_only=True)]
+    assert grids == [16, 8, 4, 2]
+    assert [f.shape[-1] for f in paper.forward_intermediates(x, intermediates_only=True)] == [8, 4, 2, 1]
+    assert [info["reduction"] for info in fine.feature_info] == [2, 4, 8, 16]
+    assert fine(x).shape == (2, 3)
+    for bad in (3, 2.0):
+        with pytest.raises(ValueError, match="stem_stride"):
+            CycleMLP(stem_stride=bad)
+    if layout == "swin":  # its 2x2 patches cannot take the paper's 4x4 stem weights
+        with pytest.raises(RuntimeError, match="stem.proj.weight"):
+            fine.load_state_dict(paper.state_dict())
+
+
+@pytest.mark.parametrize("shape,match", [((3, 224, 224), "images of shape"), ((1, 1, 64, 64), "images of shape"),
+                                         ((1, 3, 2, 64), "at least")])
+def test_bad_image_shapes(shape, match):
+    model = timm.create_model("cyclemlp_b1")
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+
+
+def test_tiny_inputs_work():
+    model = timm.create_model("cyclemlp_b1").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 3, 5)).shape == (1, 1000)
+    swin = timm.create_model("cyclemlp_t").eval()
+    with torch.no_grad():
+        assert swin(torch.randn(1, 3, 4, 9)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name,size", [("cyclemlp_b1", (224, 224)), ("cyclemlp_b1", (97, 161)),
+                                       ("cyclemlp_b2", (64, 80))])
+def test_matches_authors_network(name, size):
+    ref = deform_model(name).eval()
+    model = timm.create_model(name).eval()
+    sd = cyclemlp.models.checkpoint.convert_state_dict(ref.state_dict(), model)
+    model.load_state_dict(sd)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_dense_backbone_matches_authors():
+    ref = deform_model("cyclemlp_b1", dense=True).eval()
+    model = timm.create_model("cyclemlp_b1", features_only=True).eval()
+    inner = model.model
+    inner.load_state_dict(cyclemlp.models.checkpoint.convert_state_dict(ref.state_dict(), inner), strict=False)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for a, b in zip(model(x), ref(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fx_trace_whole_model():
+    model = timm.create_model("cyclemlp_b1", num_classes=3).eval()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(1, 3, 64, 96)
+    torch.testing.assert_close(graph(x), model(x))
+
+
+@pytest.mark.parametrize("fold_max_dim", [0, 10**6])
+@pytest.mark.parametrize("size", [(5, 7), (9, 8)])  # backward per branch (35 positions) / per image (72)
+def test_fast_mixer_gradients_match_plain(fold_max_dim, size):
+    from cyclemlp.models.cyclemlp import CycleMixer
+
+    mixer = CycleMixer(24, stepsize=3)
+    mixer.fold_max_dim = fold_max_dim
+    with torch.no_grad():  # non-trivial biases everywhere
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(3, *size, 24, requires_grad=True)
+    g = torch.randn(3, *size, 24)
+    mixer(x).backward(g)
+    fast = [x.grad.clone()] + [p.grad.clone() for p in mixer.parameters()]
+    x.grad = None
+    mixer.zero_grad()
+    mixer.forward_plain(x).backward(g)
+    plain = [x.grad] + [p.grad for p in mixer.parameters()]
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, False), (False, True, False, True),
+                                   (False, False, True, False), (False, False, False, True)])
+def test_mix_backward_strategies_agree_for_any_wanted_gradients(needs):
+    from cyclemlp.layers.kernels import _mix_backward_per_branch, _mix_backward_per_image
+
+    g = torch.Generator().manual_seed(0)
+    batch, positions, dim, n = 3, 70, 24, 3
+    grad = torch.randn(batch, positions, dim, generator=g)
+    parts = [torch.randn(batch, positions, dim, generator=g) for _ in range(n)]
+    a = torch.rand(batch, dim, n, generator=g).softmax(-1)
+    weight, bias = torch.randn(dim, n * dim, generator=g), torch.randn(dim, n, generator=g)
+    image = _mix_backward_per_image(grad, parts, a, weight, bias, needs)
+    branch = _mix_backward_per_branch(grad, parts, a, weight, bias, needs)
+    for wanted, x, y in zip(needs, image, branch):
+        if not wanted:  # not computed
+            assert x is None and y is None
+            continue
+        xs, ys = (x, y) if isinstance(x, list) else ([x], [y])
+        assert len(xs) == len(ys) == (n if isinstance(x, list) else 1)
+        for u, v in zip(xs, ys):
+            torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+
+
+def test_training_gradients_match_authors_network():
+    ref = deform_model("cyclemlp_b1")
+    model = timm.create_model("cyclemlp_b1", drop_path_rate=0.0)
+    model.load_state_dict(cyclemlp.models.checkpoint.convert_state_dict(ref.state_dict(), model))
+    x = torch.randn(2, 3, 64, 96)
+    y = torch.tensor([3, 7])
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    ours = {k: v for k, v in model.named_parameters()}
+    for key, param in ref.named_parameters():
+        mapped = cyclemlp.models.checkpoint.convert_state_dict({key: param.grad}, model)
+        (name, grad), = mapped.items()
+        torch.testing.assert_close(ours[name].grad, grad, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_autocast_training_step():
+    model = CycleMLP(depths=(1, 1, 1, 1), dims=(16, 32, 48, 160), num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(dim=1).mean()
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_mlp_matches_plain(monkeypatch, bias):
+    """The row-chunked MLP (ragged last chunk) gives the plain MLP's output and gradients, also
+    when only some inputs want gradients, and its oneDNN inference form the same output."""
+    from cyclemlp.layers import kernels as functional
+
+    monkeypatch.setattr(functional, "_MLP_WHOLE_MAX_ELEMENTS", 0)  # chunk even tiny layers
+    monkeypatch.setattr(functional, "_MLP_CHUNK_ELEMENTS", 48 * 64)  # 64 rows per chunk, 70 rows
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(12, 48, bias=bias).double(), torch.nn.Linear(48, 12, bias=bias).double()
+    x = torch.randn(2, 5, 7, 12, dtype=torch.float64)
+    residual = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    assert functional.mlp_chunk_rows(70, 48) == 64 and functional.chunked_mlp_applies(x, 48)
+    for wants_x, wants_params in ((True, True), (True, False), (False, True)):
+        for p in (*fc1.parameters(), *fc2.parameters()):
+            p.requires_grad_(wants_params)
+            p.grad = None
+        results = []
+        for chunked in (True, False):
+            xg = x.clone().requires_grad_(wants_x)
+            out = (functional.channel_mlp(xg, fc1, fc2, residual=residual) if chunked
+                   else residual + fc2(torch.nn.functional.gelu(fc1(xg))))
+            out.backward(grad)
+            params = [p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())] if wants_params else []
+            results.append([out.detach()] + ([xg.grad] if wants_x else []) + params)
+            for p in (*fc1.parameters(), *fc2.parameters()):
+                p.grad = None
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+    fc1, fc2, x, residual = fc1.float(), fc2.float(), x.float(), residual.float()
+    with torch.no_grad():
+        plain = residual + fc2(torch.nn.functional.gelu(fc1(x)))
+        assert functional.use_onednn(x)
+        fused = functional.channel_mlp(x, fc1, fc2, residual=residual, onednn=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_mlp_only_for_large_cpu_training():
+    from cyclemlp.layers import kernels as functional
+
+    big = torch.empty(32, 56, 56, 64)
+    assert functional.chunked_mlp_applies(big, 256)
+    assert not functional.chunked_mlp_applies(big[:, :14, :14], 256)  # heap-sized: plain autograd
+    with torch.no_grad():
+        assert not functional.chunked_mlp_applies(big, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not functional.chunked_mlp_applies(big, 256)
+    with pytest.raises(RuntimeError, match="CPU training"):
+        functional.channel_mlp(big[:1, :2, :2], torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+
+
+def test_chunked_mlp_refuses_a_second_derivative(monkeypatch):
+    from cyclemlp.layers import kernels as functional
+
+    monkeypatch.setattr(functional, "_MLP_WHOLE_MAX_ELEMENTS", 0)
+    fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    x = torch.randn(2, 3, 3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(functional.channel_mlp(x, fc1, fc2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
