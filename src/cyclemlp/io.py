@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "atomic_write", "read_checkpoint", "save_weights"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "atomic_write", "checkpoint_file", "read_checkpoint", "save_weights"]
 
 
 class CheckpointError(ValueError):
@@ -78,13 +78,28 @@ def save_weights(
 
 # --- reading ------------------------------------------------------------------------------------
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a checkpoint file without executing code from it; clear errors for bad files."""
+# Run folders of the project's commands keep these checkpoints; a folder given where a checkpoint
+# is expected stands for the first that exists.
+RUN_CHECKPOINTS = ("best.pth", "last.pth")
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a run folder its ``best.pth`` (else ``last.pth``)."""
     path = Path(path)
+    if path.is_dir():
+        for name in RUN_CHECKPOINTS:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} is a folder without {' or '.join(RUN_CHECKPOINTS)}; give a checkpoint file")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file (or a run folder's, see :func:`checkpoint_file`) without executing
+    code from it; clear errors for bad files."""
+    path = checkpoint_file(path)
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")

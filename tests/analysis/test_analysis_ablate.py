@@ -74,5 +74,5 @@ def test_run_ablation_tiny_budget(tmp_path):
     again = run_ablation("cyclemlp_b1", chosen[:1], budget, TINY, seeds=(0,), out_dir=tmp_path)
     assert again[0].top1 == results[0].top1
     assert (tmp_path / "runs" / "cyclemlp-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="holds a run of 1 epochs, not 2"):
         run_ablation("cyclemlp_b1", chosen[:1], dict(budget, epochs=2), TINY, out_dir=tmp_path)

@@ -104,7 +104,7 @@ def test_run_erf_writes_table_maps_and_figure(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [row["model"] for row in rows] == ["cyclemlp_b1", "resnet18"] and "area99_pct" in rows[0]
     meta = json.loads((tmp_path / "erf.json").read_text())["meta"]
-    assert meta["num_images"] == 2 and meta["img_size"] == 64
+    assert meta["num_images"] == 2 and meta["img_size"] == [64, 64]
     maps = np.load(tmp_path / "erf_maps.npz")
     np.testing.assert_allclose(maps["resnet18"], results[1].erf, rtol=1e-6)
     assert Image.open(tmp_path / "erf.png").format == "PNG"

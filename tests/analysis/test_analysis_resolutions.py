@@ -1,5 +1,6 @@
 """Resolution scaling: linear cost of CycleMLP, fixed-size failures recorded, memory measurement."""
 
+import argparse
 import json
 import sys
 
@@ -55,8 +56,9 @@ def test_loglog_slope():
 def test_parse_size_and_cli_errors(capsys):
     assert parse_size("512") == (512, 512) and parse_size("224x448") == (224, 448)
     for bad in ("0", "axb", "1x2x3", ""):
-        with pytest.raises(ValueError, match="input size"):
+        with pytest.raises(argparse.ArgumentTypeError, match="input size"):
             parse_size(bad)
-    assert main(["resolutions", "cyclemlp_b1", "--sizes", "64x"]) == 2
-    assert "cyclemlp resolutions: error: an input size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["resolutions", "cyclemlp_b1", "--sizes", "64x"])
+    assert "cyclemlp resolutions: error: argument --sizes: an input size" in capsys.readouterr().err
     assert main(["resolutions", "cyclemlp_b1", "--repeats", "0"]) == 2

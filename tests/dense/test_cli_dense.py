@@ -45,6 +45,10 @@ def test_checkpoint_of_another_task_is_refused(capsys, tmp_path):
     assert "checkpoint not found" in _error(capsys, ["segment", "eval", str(tmp_path / "absent")])
     (run / "last.pth").unlink()
     assert "holds no best.pth or last.pth" in _error(capsys, ["detect", "predict", str(run), str(tmp_path)])
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "plain.pth")  # weights, not a run's checkpoint
+    err = _error(capsys, ["detect", "eval", str(tmp_path / "plain.pth")])
+    assert "not a training checkpoint of cyclemlp" in err and "give a run folder of `cyclemlp detect train`" in err
+    assert "initial weights" not in err
 
 
 TINY_KWARGS = ["--backbone-kwargs", "depths=(1,1,1,1)", "dims=(32,64,96,128)"]
@@ -69,6 +73,11 @@ def test_detect_train_eval_predict_commands(tmp_path, processes):
     predicted = run_cli("detect", "predict", str(run), str(images / "train"), "--output", str(tmp_path / "pred"),
                         "--score-threshold", "0", check=True)
     assert predicted.stdout.count("detections ->") == 4 and len(list((tmp_path / "pred").glob("*.png"))) == 4
+    (tmp_path / "broken.png").write_text("not an image")
+    partial = run_cli("detect", "predict", str(run), str(images / "train" / sorted(p.name for p in (images / "train").iterdir())[0]),
+                      str(tmp_path / "broken.png"), "--output", str(tmp_path / "pred2"))
+    assert partial.returncode == 2 and partial.stdout.count("detections ->") == 1
+    assert f"error: {tmp_path / 'broken.png'}: cannot read the image" in partial.stderr
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -92,15 +94,23 @@ def test_predict_names_the_checkpoints_classes(tmp_path, fmnist_run):
     assert preds[0].classes == preds[1].classes
 
 
-def test_predict_rejects_missing_and_unreadable_files(tmp_path, fmnist_run):
-    with pytest.raises(FileNotFoundError, match="image not found"):
-        predict([tmp_path / "none.png"], fmnist_run.weights)
-    bad = tmp_path / "bad.png"
-    bad.write_text("not an image")
-    with pytest.raises(ValueError, match=r"cannot read image .*bad\.png"):
-        predict([bad], fmnist_run.weights)
+def test_predict_reports_bad_inputs_and_predicts_the_good_ones(tmp_path, fmnist_run):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        FashionMNIST(split="test")[i][0].save(folder / f"item{i}.png")
+    (folder / "bad.png").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    preds = predict([folder, tmp_path / "none.png", tmp_path / "empty"], fmnist_run.output_dir, topk=2)
+    errors = {p.path: p.error for p in preds if p.error}
+    assert errors == {str(tmp_path / "none.png"): "no such file or folder",
+                      str(tmp_path / "empty"): "a folder without images",
+                      str(folder / "bad.png"): errors[str(folder / "bad.png")]}
+    assert errors[str(folder / "bad.png")].startswith("cannot read the image")
+    good = [p for p in preds if not p.error]
+    assert [Path(p.path).name for p in good] == ["item0.png", "item1.png"] and all(len(p.classes) == 2 for p in good)
     with pytest.raises(ValueError, match="topk must be positive"):
-        predict([bad], fmnist_run.weights, topk=0)
+        predict([folder], fmnist_run.weights, topk=0)
 
 
 def test_use_ema_weights_of_a_training_checkpoint(tmp_path):

@@ -25,10 +25,10 @@ from train_utils import (  # noqa: F401  (one_thread is a fixture)
     tiny_config,
 )
 
-from cyclemlp.io import CheckpointError
 from cyclemlp.training import engine
+from cyclemlp.training.config import ResumeConflictError, TrainConfig, recipe
 from cyclemlp.training.evaluate import evaluate_checkpoint
-from cyclemlp.training.train import IMAGENET, TrainConfig, recipe, train
+from cyclemlp.training.train import train
 
 DETERMINISTIC = dict(no_aug=True, drop_path=0.0, reprob=0.0)
 
@@ -92,7 +92,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data):
     done = engine.load_training_state(out / "last.pth")["epoch"]
 
     resumed = run_cli("train", *args, "--resume", str(out), check=True)
-    assert f"resumed from {out} at epoch {done + 1}" in resumed.stdout
+    assert f"resuming {out} at epoch {done + 2} of 2" in resumed.stdout
     rows_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     rows_resumed = json.loads((out / "metrics.json").read_text())
     keys = ("epoch", "lr", "train_loss", "eval_loss", "eval_top1", "eval_top5")
@@ -192,33 +192,34 @@ def test_image_folder_training_with_a_corrupt_image(tmp_path):
     root = imagenet_folder(tmp_path / "imagenet")
     (root / "train" / "n01440764").mkdir()
     (root / "train" / "n01440764" / "broken.jpg").write_bytes(b"not a jpeg")
-    result = train(TrainConfig(data=str(root), model="cyclemlp_b1", model_kwargs=dict(TINY_KWARGS_ABLATION),
-                               img_size=32, batch_size=8, epochs=1, workers=0, warmup_epochs=0, progress=False,
-                               output=str(tmp_path / "run")))
+    result = train(TrainConfig.from_recipe(
+        "fashion-mnist", data=str(root), model_kwargs=dict(TINY_KWARGS_ABLATION), img_size=32, batch_size=8, epochs=1,
+        workers=0, warmup_epochs=0, progress=False, output=str(tmp_path / "run")))
     assert result.history[0]["skipped"] <= 1 and result.config["data"] == str(root)
     assert engine.load_training_state(result.last_checkpoint)["run"]["num_classes"] == 20
-    strict = TrainConfig(data=str(root), model="cyclemlp_b1", model_kwargs=dict(TINY_KWARGS_ABLATION),
-                         img_size=32, batch_size=21, epochs=1, workers=0, warmup_epochs=0, progress=False,
-                         strict=True, output=str(tmp_path / "strict"))
+    strict = TrainConfig.from_recipe(
+        "fashion-mnist", data=str(root), model_kwargs=dict(TINY_KWARGS_ABLATION), img_size=32, batch_size=21,
+        epochs=1, workers=0, warmup_epochs=0, progress=False, strict=True, output=str(tmp_path / "strict"))
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
         train(strict)
 
 
 def test_resume_refuses_another_architecture(short_run, tmp_path):
-    with pytest.raises(CheckpointError, match="cannot resume: the checkpoint was trained with model_kwargs"):
-        train(tiny_config(tmp_path, resume=str(short_run.output_dir), epochs=4,
-                          model_kwargs=dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))))
+    with pytest.raises(ResumeConflictError, match=r"--model-kwargs: recorded \{'dims': \[16, 32, 64, 128\]"):
+        train(resume=str(short_run.output_dir), epochs=4, model_kwargs=dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)))
 
 
-def test_imagenet_recipe_is_the_authors():
-    values = recipe("imagenet")
-    assert values == IMAGENET and values is not IMAGENET
-    assert (values["opt"], values["lr_base"], values["lr_base_size"], values["weight_decay"]) == ("adamw", 5e-4, 512, 0.05)
-    assert (values["epochs"], values["warmup_epochs"], values["warmup_lr"], values["min_lr"]) == (300, 5, 1e-6, 1e-5)
-    assert (values["aa"], values["reprob"], values["remode"]) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel")
-    assert (values["mixup"], values["cutmix"], values["mixup_switch_prob"], values["smoothing"]) == (0.8, 1.0, 0.5, 0.1)
-    assert (values["aug_repeats"], values["drop_path"], values["amp"], values["model_ema"]) == (3, 0.1, True, True)
-    assert values["model_ema_decay"] == 0.99996 and values["clip_grad"] is None
+def test_the_defaults_are_the_authors_imagenet_recipe():
+    values = TrainConfig()
+    assert recipe("imagenet") == {}
+    assert (values.opt, values.lr_base, values.lr_base_size, values.weight_decay) == ("adamw", 5e-4, 512, 0.05)
+    assert (values.opt_eps, values.opt_betas, values.batch_size) == (1e-8, (0.9, 0.999), 128)
+    assert (values.epochs, values.warmup_epochs, values.warmup_lr, values.min_lr) == (300, 5, 1e-6, 1e-5)
+    assert (values.img_size, values.crop_pct, values.interpolation) == (224, 0.875, "bicubic")
+    assert (values.aa, values.reprob, values.remode) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel")
+    assert (values.mixup, values.cutmix, values.mixup_switch_prob, values.smoothing) == (0.8, 1.0, 0.5, 0.1)
+    assert (values.aug_repeats, values.drop_path, values.amp, values.model_ema) == (3, 0.1, True, True)
+    assert values.model_ema_decay == 0.99996 and values.clip_grad is None
     config = TrainConfig.from_recipe("imagenet", epochs=10, data="x")
     assert config.epochs == 10 and config.aa == "rand-m9-mstd0.5-inc1" and config.recipe == "imagenet"
     with pytest.raises(ValueError, match="unknown recipe"):
@@ -233,7 +234,8 @@ def test_imagenet_recipe_is_the_authors():
     (dict(reprob=1.5), "reprob must be within"),
     (dict(dataset=None), "no dataset given"),
     (dict(model="no_such_model"), "unknown model"),
-    (dict(model_kwargs=dict(wings=2)), "does not accept"),
+    (dict(model_kwargs=dict(wings=2)), "model 'cyclemlp_b1' has no argument 'wings'; its arguments: depths"),
+    (dict(warmup_epochs=3, epochs=2), r"warmup_epochs \(3\) must be shorter than the run \(2 epoch\(s\)\)"),
     (dict(opt="sgd", opt_fused=True), "fused step"),
     (dict(cache_data=True, scale=(0.5, 1.0)), "cannot cache the data in memory: the training augmentation"),
 ])

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,6 +29,7 @@ from torch import nn
 from ..models.cyclemlp import CycleBlock
 from ..tools.flops import count_cost
 from .report import save_figure, write_rows
+from .settings import ABLATION_MODEL_KWARGS, ABLATION_TRAIN_CONFIG, VARIANTS, Variant
 
 __all__ = [
     "DEFAULT_MODEL_KWARGS",
@@ -43,34 +44,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One ablation: keyword arguments for the CycleMLP constructor, or the spatial-FC swap."""
-
-    name: str
-    description: str
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    spatial_fc: bool = False
-
-
-# The default budget: small enough for a shared 2-core CPU (see the README for its run time).
-DEFAULT_TRAIN_CONFIG: dict[str, Any] = dict(
-    recipe="fashion-mnist", dataset="fashion-mnist", img_size=56, epochs=3, train_subset=5000, val_subset=2000,
-)
-DEFAULT_MODEL_KWARGS: dict[str, Any] = dict(dims=(32, 64, 128, 256))  # B1's depths at half its widths
-
-VARIANTS: tuple[Variant, ...] = (
-    Variant("cyclemlp", "three branches, stepsize 3 (1x3, 3x1), official pattern: the released model"),
-    Variant("no_width", "without the width branch (Cycle FC 1x3)", dict(branches=("height", "channel"))),
-    Variant("no_height", "without the height branch (Cycle FC 3x1)", dict(branches=("width", "channel"))),
-    Variant("no_channel", "without the channel FC branch", dict(branches=("width", "height"))),
-    Variant("stepsize_7", "stepsize 7 (1x7, 7x1)", dict(stepsize=7)),
-    Variant("stepsize_3x3", "2-D stepsize 3x3 in both Cycle FC branches (paper pattern)",
-            dict(stepsize=(3, 3), pattern="paper")),
-    Variant("pattern_paper", "stepsize 3 with the paper's offset pattern", dict(pattern="paper")),
-    Variant("spatial_fc", "Cycle FC mixer replaced by spatial FC (MLP-Mixer token mixing, fixed size)",
-            spatial_fc=True),
-)
+DEFAULT_TRAIN_CONFIG = ABLATION_TRAIN_CONFIG
+DEFAULT_MODEL_KWARGS = ABLATION_MODEL_KWARGS
 
 
 class SpatialFCMixer(nn.Module):
@@ -168,19 +143,6 @@ class AblationResult:
         return row
 
 
-_IGNORED_FIELDS = ("resume", "progress")
-
-
-def _same_settings(folder: Path, config: Any) -> bool:
-    """Whether the run in ``folder`` was started with ``config`` (a TrainConfig)."""
-    saved = folder / "config.json"
-    if not saved.is_file():
-        return False
-    expected = json.loads(json.dumps(dataclasses.asdict(config)))
-    found = json.loads(saved.read_text()).get("config", {})
-    return all(found.get(k) == v for k, v in expected.items() if k not in _IGNORED_FIELDS)
-
-
 def _finished_run(folder: Path) -> dict[str, Any] | None:
     """Top-1 figures of the run in ``folder`` if it finished (wrote its final weights)."""
     metrics = folder / "metrics.json"
@@ -245,6 +207,7 @@ def run_ablation(
             back, an interrupted one is resumed, so a stopped ablation continues where it stopped.
     """
     from ..data import native_in_chans
+    from ..training.record import RECORD
     from ..training.train import TrainConfig, train
 
     if not variants:
@@ -274,19 +237,19 @@ def run_ablation(
         top1s, bests, walls, runs = [], [], [], []
         for seed in seeds:
             folder = out_dir / "runs" / f"{variant.name}-seed{seed}"
-            run_config = dataclasses.replace(config, seed=seed, output=str(folder), model=base)
-            if not variant.spatial_fc:  # through timm, so the checkpoint records how to rebuild it
-                run_config = dataclasses.replace(run_config, model_kwargs={**shared_kwargs, **dict(variant.model_kwargs)})
-            if folder.exists() and not _same_settings(folder, run_config):
-                raise ValueError(f"{folder} holds a run with other settings; pass another output folder")
+            # CycleMLP variants are built through timm, so their checkpoints record how to rebuild them
+            kwargs = shared_kwargs if variant.spatial_fc else {**shared_kwargs, **dict(variant.model_kwargs)}
+            run_config = dataclasses.replace(config, seed=seed, output=str(folder), model=base, model_kwargs=kwargs)
+            if (folder / RECORD).is_file():  # continue it (a finished run is left as it is); other settings are refused
+                recorded = json.loads((folder / RECORD).read_text())["config"]["epochs"]
+                if recorded != run_config.epochs:  # a resume would extend it: not the same budget
+                    raise ValueError(f"{folder} holds a run of {recorded} epochs, not {run_config.epochs}; pass "
+                                     "another output folder")
+                run_config = dataclasses.replace(run_config, resume=str(folder))
+            train(run_config, model_factory=factory if variant.spatial_fc else None)
             done = _finished_run(folder)
             if done is None:
-                if (folder / "last.pth").is_file():  # interrupted: continue it
-                    run_config = dataclasses.replace(run_config, resume=str(folder))
-                train(run_config, model_factory=factory if variant.spatial_fc else None)
-                done = _finished_run(folder)
-                if done is None:
-                    raise RuntimeError(f"training {variant.name} (seed {seed}) left no final weights in {folder}")
+                raise RuntimeError(f"training {variant.name} (seed {seed}) left no final weights in {folder}")
             top1s.append(done["top1"])
             bests.append(done["best_top1"])
             walls.append(done["wall_s"])

@@ -23,16 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .settings import CORRUPTIONS, SEVERITIES
+
 __all__ = ["CORRUPTIONS", "MIN_SIZE", "SEVERITIES", "Corruption", "corrupt_image", "imagecorruptions_module"]
 
-# The 15 "common" corruptions, in the package's (and the paper's) order: noise, blur, weather, digital.
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 32  # the package refuses smaller images
 
 

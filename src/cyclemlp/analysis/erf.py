@@ -27,6 +27,7 @@ from ..io import atomic_write
 from .images import load_images
 from .models import build_model, last_stage_features, weights_label
 from .report import save_figure, write_rows
+from .settings import ERF_FRACTIONS, ERF_MODELS
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -39,8 +40,8 @@ __all__ = [
     "run_erf",
 ]
 
-DEFAULT_MODELS: tuple[str, ...] = ("cyclemlp_b2", "swin_tiny_patch4_window7_224", "pvt_v2_b2", "resnet50")
-DEFAULT_FRACTIONS: tuple[float, ...] = (0.2, 0.5, 0.99)
+DEFAULT_MODELS = ERF_MODELS
+DEFAULT_FRACTIONS = ERF_FRACTIONS
 
 
 @dataclass
@@ -118,7 +119,11 @@ def effective_receptive_field(
     return (total / images.shape[0]).numpy(), (int(h), int(w))
 
 
-def preprocess(model: nn.Module, images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def preprocess(model: nn.Module, images: Sequence[Image.Image], img_size: int | tuple[int, int]) -> torch.Tensor:
     """Resize (shorter side) and centre-crop photos to ``img_size`` and normalise them the way
     the model's pretrained configuration says (timm's eval transform with no crop margin)."""
     config = resolve_data_config({}, model=model)
@@ -129,7 +134,7 @@ def preprocess(model: nn.Module, images: Sequence[Image.Image], img_size: int) -
     elif in_chans != 3:
         raise ValueError(f"photos have 1 or 3 channels; the model takes {in_chans}")
     transform = create_transform(
-        input_size=(in_chans, img_size, img_size), interpolation=config["interpolation"],
+        input_size=(in_chans, *_pair(img_size)), interpolation=config["interpolation"],
         mean=mean, std=std, crop_pct=1.0,
     )
     mode = "L" if in_chans == 1 else "RGB"
@@ -167,7 +172,7 @@ def run_erf(
     models: Sequence[str] = DEFAULT_MODELS,
     source: str | os.PathLike = "foolbox",
     num_images: int = 10,
-    img_size: int = 448,
+    img_size: int | tuple[int, int] = 448,
     weights: Mapping[str, str | os.PathLike] | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     batch_size: int = 2,
@@ -180,7 +185,7 @@ def run_erf(
         models: timm model names.
         source: ``"foolbox"``, ``"skimage"`` or a folder of images (see :mod:`.images`).
         num_images: how many photos to average over (all the source has if fewer).
-        img_size: square input size.
+        img_size: input size, ``N`` or ``(H, W)``.
         weights: checkpoint file per model name; models not listed keep their random initialisation.
         fractions: shares of the total contribution whose areas are reported.
         batch_size: images per forward/backward pass.
@@ -190,7 +195,7 @@ def run_erf(
     unknown = sorted(set(weights) - set(models))
     if unknown:
         raise ValueError(f"weights given for models that are not analysed: {unknown}")
-    if img_size < 32:
+    if min(_pair(img_size)) < 32:
         raise ValueError(f"img_size must be at least 32, got {img_size}")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
@@ -203,7 +208,7 @@ def run_erf(
         areas = {float(f): contribution_area(erf, f) for f in fractions}
         results.append(ErfResult(name, weights_label(weights.get(name)), erf, feature_size, len(photos), areas))
     out_dir = Path(out_dir)
-    meta = dict(source=str(source), num_images=len(photos), img_size=img_size, fractions=list(fractions))
+    meta = dict(source=str(source), num_images=len(photos), img_size=list(_pair(img_size)), fractions=list(fractions))
     write_rows([r.row() for r in results], out_dir / "erf.csv")
     write_rows([r.row() for r in results], out_dir / "erf.json", meta)
     maps = {r.model: r.erf.astype(np.float32) for r in results}

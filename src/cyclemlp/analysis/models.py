@@ -20,7 +20,8 @@ def build_model(
 
     Args:
         name: any name ``timm.create_model`` knows (CycleMLP models are registered on import).
-        weights: a checkpoint file, loaded strictly by :func:`cyclemlp.training.evaluate.model_from_checkpoint`
+        weights: a checkpoint file or run folder, loaded strictly by
+            :func:`cyclemlp.models.factory.model_from_checkpoint`
             (the project's training files rebuild the model they record: classes, channels, model
             arguments; the authors' files and plain state dicts work too). Random initialisation
             when None.
@@ -29,12 +30,12 @@ def build_model(
             switch (MLP-Mixer) are built as they are and keep their fixed input size.
         kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``in_chans``).
     """
-    from ..models.factory import model_from_checkpoint
+    from ..models.factory import checkpoint_file, model_from_checkpoint
 
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; see timm.list_models()")
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}")
+    if weights is not None:
+        weights = checkpoint_file(weights)
     for extra in ([dict(dynamic_img_size=True)] if any_size else []) + [{}]:
         try:
             if weights is None:

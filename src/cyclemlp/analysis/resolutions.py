@@ -25,6 +25,7 @@ from ..tools.flops import count_cost
 from .memory import cpu_peak_supported, peak_memory
 from .models import build_model
 from .report import save_figure, write_rows
+from .settings import RESOLUTION_MODELS, RESOLUTION_SIZES
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -36,10 +37,8 @@ __all__ = [
     "run_resolutions",
 ]
 
-DEFAULT_MODELS: tuple[str, ...] = ("cyclemlp_b2", "mixer_s16_224", "pvt_v2_b2", "swin_tiny_patch4_window7_224")
-DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
-    (128, 128), (224, 224), (384, 384), (512, 512), (768, 768), (1024, 1024), (224, 448), (512, 1024),
-)
+DEFAULT_MODELS = RESOLUTION_MODELS
+DEFAULT_SIZES = RESOLUTION_SIZES
 
 
 @dataclass

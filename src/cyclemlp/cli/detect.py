@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from timm.utils import ParseKwargs
-
-from ..dense.datasets import DETECTION_DATASETS, default_root
-from ..io import atomic_write
-from ..models.cyclemlp import MODEL_CONFIGS
+from ._args import KwargsAction
 from ._table import format_table
 
 # What the embedded datasets need besides the recipe: the detector that fits their annotations,
@@ -20,7 +17,10 @@ DATA_DEFAULTS = {
     "trees": {"model": "retinanet", "min_size": 800, "max_size": 1333, "eval_split": "test"},
     "fashion": {"model": "mask_rcnn", "min_size": 320, "max_size": 533, "eval_split": "val"},
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# the embedded datasets (cyclemlp.dense.datasets.DETECTION_DATASETS), named here so that --help
+# does not load them
+DATASETS = ("fashion", "trees")
+BASELINES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     train = actions.add_parser(
-        "train", help="train a detector (SPEC 1x recipe by default)",
+        "train", help="train a detector (the paper's 1x recipe by default)",
         description=(
             "Train RetinaNet or Mask R-CNN. Defaults follow the 1x recipe: AdamW, lr 1e-4 (RetinaNet) / "
             "2e-4 (Mask R-CNN), weight decay 1e-4, 12 epochs, 500 warm-up iterations, lr x0.1 after "
@@ -41,15 +41,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     train.add_argument("--model", choices=("retinanet", "mask_rcnn"), help="detector (default: the data's)")
-    train.add_argument("--backbone", default="cyclemlp_b1", help="CycleMLP name, or resnet18/resnet50 (baselines)")
+    train.add_argument("--backbone", help="CycleMLP name, or resnet18/resnet50 (baselines) (default: the model "
+                       "--weights records, else cyclemlp_b1)")
     _data_arguments(train)
     train.add_argument("--train-ann", help="COCO json of the training split (custom data)")
     train.add_argument("--train-images", help="image folder of the training split")
     train.add_argument("--val-ann", help="COCO json of the validation split")
     train.add_argument("--val-images", help="image folder of the validation split")
-    train.add_argument("--weights", help="classification checkpoint (the project's or the authors') for the backbone")
+    train.add_argument("--weights", help="classification checkpoint for the backbone: a run of `cyclemlp train` "
+                       "(its backbone is rebuilt from its record) or the authors' file")
     train.add_argument("--output", default="runs/detect", help="run folder (checkpoints, metrics); default runs/detect")
-    train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth)")
+    train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth); give the values it was "
+                       "started with (a differing one is refused)")
     train.add_argument("--epochs", type=int, default=12)
     train.add_argument("--lr", type=float, help="base learning rate (default 1e-4 RetinaNet, 2e-4 Mask R-CNN)")
     train.add_argument("--weight-decay", type=float, default=1e-4)
@@ -59,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--min-size", type=int, help="short side images are resized to (recipe 800)")
     train.add_argument("--max-size", type=int, help="long-side limit (recipe 1333)")
     train.add_argument("--grad-clip", type=float, help="clip the gradient norm (off in the recipe)")
-    train.add_argument("--backbone-kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
+    train.add_argument("--backbone-kwargs", nargs="*", action=KwargsAction, default={}, metavar="KEY=VALUE",
                        help="passed to timm.create_model for the backbone, e.g. drop_path_rate=0.2")
     train.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and after the last)")
     train.add_argument("--workers", type=int, default=2, help="data loader processes")
@@ -81,7 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     predict = actions.add_parser("predict", help="draw a detector's boxes/masks on images")
     predict.add_argument("checkpoint", help="run folder or checkpoint file")
-    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument("images", nargs="+", help="image files or folders (an unreadable one is reported, the "
+                         "others are still predicted; the exit code is then 2)")
     predict.add_argument("--output", default="predictions", help="folder for the drawn images (default predictions)")
     predict.add_argument("--score-threshold", type=float, default=0.5)
     predict.add_argument("--device", default="auto")
@@ -90,9 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=sorted(DETECTION_DATASETS), help="embedded dataset")
+    parser.add_argument("--dataset", choices=DATASETS, help="embedded dataset (default: the detector's)")
     parser.add_argument("--data-root", default=None,
-                        help=f"where embedded data is converted (default {default_root()})")
+                        help="where embedded data is converted (default ~/.cache/cyclemlp/data)")
 
 
 def _dataset(ann: str, images: str | None, masks: bool, train: bool):
@@ -104,9 +108,11 @@ def _dataset(ann: str, images: str | None, masks: bool, train: bool):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..dense.datasets import DETECTION_DATASETS
     from ..dense.detection.train import DetectionRecipe, train_detector
+    from ..models.cyclemlp import MODEL_CONFIGS
 
-    if args.backbone not in MODEL_CONFIGS and args.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    if args.backbone not in (None, *MODEL_CONFIGS, *BASELINES):
         raise ValueError(
             f"unknown backbone {args.backbone!r}; choose a CycleMLP ({', '.join(MODEL_CONFIGS)}) or resnet18/50"
         )
@@ -146,8 +152,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..dense.datasets import DETECTION_DATASETS
     from ..dense.detection.evaluate import METRIC_NAMES
     from ..dense.detection.train import evaluate_detector, load_detector
+    from ..io import atomic_write
     from ..training.engine import resolve_device
 
     device = resolve_device(args.device)
@@ -179,32 +187,33 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """Files given directly, plus the images inside given folders (sorted)."""
-    files = []
-    for item in map(Path, paths):
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"image not found: {item}")
-    if not files:
-        raise ValueError(f"no images found in {paths}")
-    return files
-
-
 def run_predict(args: argparse.Namespace) -> int:
+    from ..data.folder import image_inputs
     from ..dense.detection.train import load_detector, predict_detections
+    from ..io import atomic_write
     from ..training.engine import resolve_device
 
     device = resolve_device(args.device)
     model, config, _ = load_detector(args.checkpoint, device)
-    records = predict_detections(
-        model, image_files(args.images), args.output, config["categories"], args.score_threshold, device,
-    )
-    for record in records:
-        print(f"{record['file']}: {len(record['detections'])} detections -> {record['output']}")
+    files, problems = image_inputs(args.images)
+    records = predict_detections(model, files, args.output, config["categories"], args.score_threshold, device)
     if args.json:
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
-    return 0
+        rows = records + [{"file": item, "error": problem} for item, problem in problems]
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+    return report_predictions(
+        "detect predict", records, problems,
+        lambda r: f"{r['file']}: {len(r['detections'])} detections -> {r['output']}",
+    )
+
+
+def report_predictions(command: str, records: list[dict], problems: list[tuple[str, str]], describe) -> int:
+    """Print each prediction (``describe(record)``) and each input that failed; 2 if any failed."""
+    failed = [{"file": item, "error": problem} for item, problem in problems] + [r for r in records if "error" in r]
+    for record in records:
+        if "error" not in record:
+            print(describe(record))
+    for record in failed:
+        print(f"cyclemlp {command}: error: {record['file']}: {record['error']}", file=sys.stderr)
+    if failed:
+        print(f"cyclemlp {command}: {len(failed)} input(s) could not be predicted", file=sys.stderr)
+    return 2 if failed else 0

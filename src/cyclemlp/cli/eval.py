@@ -7,43 +7,46 @@ import dataclasses
 import json
 from pathlib import Path
 
-from timm.utils import ParseKwargs
-
-from ..io import atomic_write
-from ..training.evaluate import evaluate_checkpoint
+from ._args import KwargsAction, parse_size, positive_int
 
 
 def add_weights_args(parser: argparse.ArgumentParser) -> None:
-    """Flags naming the weights and the model (shared by eval and predict)."""
+    """Flags naming the weights and the model (shared by eval, predict and export)."""
     parser.add_argument("--checkpoint", metavar="PATH",
-                        help="weights: a run's last.pth/best.pth/model.safetensors, the authors' .pth, or a "
-                             "timm state dict")
-    parser.add_argument("--model", help="timm model name (default: the one recorded in the checkpoint)")
-    parser.add_argument("--model-kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
-                        help="extra model arguments, e.g. stepsize=7 pattern=paper")
+                        help="weights: a run folder (its best.pth, else last.pth), a run's .pth or model.safetensors "
+                             "(they record their model), the authors' .pth or a timm state dict (with --model)")
+    parser.add_argument("--model", help="timm model name, for files that do not record theirs")
+    parser.add_argument("--model-kwargs", nargs="*", action=KwargsAction, default={}, metavar="KEY=VALUE",
+                        help="model constructor arguments, for files that do not record theirs, e.g. "
+                             "\"dims=(48,96,192,384)\" stepsize=7")
     parser.add_argument("--pretrained", action="store_true", help="use timm's pretrained weights (needs internet)")
     parser.add_argument("--use-ema", action="store_true", help="use the EMA weights of a training checkpoint")
-    parser.add_argument("--img-size", type=int, metavar="PX", help="input size (default: the checkpoint's)")
+
+
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    """Preprocessing flags (shared by eval and predict): the checkpoint's unless given."""
+    parser.add_argument("--img-size", type=parse_size, metavar="N|HxW", help="input size (default: the checkpoint's)")
     parser.add_argument("--crop-pct", type=float, metavar="F", help="centre-crop fraction (default: the checkpoint's)")
     parser.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
                         help="resize interpolation (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "eval",
         help="top-1/top-5, loss and throughput of a checkpoint on a dataset",
-        description="Evaluate a checkpoint with its own preprocessing (crop, interpolation, mean/std) unless "
-                    "overridden. Works under torchrun as well.",
+        description="Evaluate a checkpoint with its own preprocessing (input size, crop, interpolation, mean/std) "
+                    "unless overridden. Works under torchrun as well.",
     )
     add_weights_args(parser)
+    add_input_args(parser)
     parser.add_argument("--data", metavar="DIR", help="ImageNet-layout root (evaluates DIR/<split>)")
     parser.add_argument("--dataset", metavar="NAME", help="built-in dataset: fashion-mnist")
-    parser.add_argument("--split", help="split to evaluate (default val; test for built-ins)")
-    parser.add_argument("--subset", type=int, metavar="N", help="evaluate N images only")
+    parser.add_argument("--split", help="split to evaluate (default: val; test for built-ins)")
+    parser.add_argument("--subset", type=positive_int, metavar="N", help="evaluate N images only")
     parser.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    parser.add_argument("-b", "--batch-size", type=int, default=128, metavar="N", help="batch size (default 128)")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=128, metavar="N", help="batch size")
     parser.add_argument("-j", "--workers", type=int, default=2, metavar="N", help="data-loading processes")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
@@ -52,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_write
+    from ..training.evaluate import evaluate_checkpoint
+
     result = evaluate_checkpoint(
         args.checkpoint, dataset=args.dataset, data=args.data, split=args.split, model=args.model,
         model_kwargs=args.model_kwargs, pretrained=args.pretrained, use_ema=args.use_ema, img_size=args.img_size,

@@ -6,13 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from timm.utils import ParseKwargs
-
-from ..dense.datasets import SEGMENTATION_DATASETS, default_root
-from ..io import atomic_write
-from ..models.cyclemlp import MODEL_CONFIGS
+from ._args import KwargsAction
 from ._table import format_table
-from .detect import image_files
+from .detect import report_predictions
 
 # Crop and base scale (long, short) for the embedded data, whose images are small: the crop is
 # the whole canvas/tile and the base scale keeps it at its size (the recipe's are 512 / (2048, 512)).
@@ -20,7 +16,9 @@ DATA_DEFAULTS = {
     "fashion-semantic": {"crop_size": 160, "scale": (640, 160)},
     "nuclei": {"crop_size": 128, "scale": (512, 128)},
 }
-DEFAULT_BACKBONE = {"semantic_fpn": "cyclemlp_b1", "upernet": "cyclemlp_t"}
+# the embedded datasets (cyclemlp.dense.datasets.SEGMENTATION_DATASETS), named here so that
+# --help does not load them
+DATASETS = ("fashion-semantic", "nuclei")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     train = actions.add_parser(
-        "train", help="train a segmentation model (SPEC recipe by default)",
+        "train", help="train a segmentation model (the paper's recipe by default)",
         description=(
             "Train Semantic FPN (AdamW lr 2e-4, wd 1e-4, poly 0.9, 40k iterations) or UperNet (Swin's "
             "setting: AdamW lr 6e-5, wd 0.01, 1500 warm-up iterations, poly 1.0, 160k iterations) with "
@@ -42,12 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--model", choices=("semantic_fpn", "upernet"), default="semantic_fpn")
     train.add_argument("--backbone",
-                       help="CycleMLP name (default: cyclemlp_b1 for Semantic FPN, cyclemlp_t for UperNet)")
+                       help="CycleMLP name (default: the model --weights records, else cyclemlp_b1 for Semantic "
+                            "FPN and cyclemlp_t for UperNet)")
     _data_arguments(train)
-    train.add_argument("--weights", help="classification checkpoint (the project's or the authors') for the backbone")
+    train.add_argument("--weights", help="classification checkpoint for the backbone: a run of `cyclemlp train` "
+                       "(its backbone is rebuilt from its record) or the authors' file")
     train.add_argument("--output", default="runs/segment",
                        help="run folder (checkpoints, metrics); default runs/segment")
-    train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth)")
+    train.add_argument("--resume", metavar="RUN", help="continue a run (folder or last.pth); give the values it was "
+                       "started with (a differing one is refused)")
     train.add_argument("--iters", type=int, help="training iterations (40000 Semantic FPN, 160000 UperNet)")
     train.add_argument("--lr", type=float, help="base learning rate (2e-4 / 6e-5)")
     train.add_argument("--weight-decay", type=float, help="(1e-4 / 0.01)")
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--ratio-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
     train.add_argument("--eval-interval", type=int, help="iterations between evaluations/checkpoints (4000 / 16000)")
     train.add_argument("--grad-clip", type=float, help="clip the gradient norm (off in the recipe)")
-    train.add_argument("--backbone-kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
+    train.add_argument("--backbone-kwargs", nargs="*", action=KwargsAction, default={}, metavar="KEY=VALUE",
                        help="passed to timm.create_model for the backbone, e.g. drop_path_rate=0.2")
     train.add_argument("--workers", type=int, default=2, help="data loader processes")
     train.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     predict = actions.add_parser("predict", help="colour-palette overlays of a model's segmentation")
     predict.add_argument("checkpoint", help="run folder or checkpoint file")
-    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument("images", nargs="+", help="image files or folders (an unreadable one is reported, the "
+                         "others are still predicted; the exit code is then 2)")
     predict.add_argument("--output", default="predictions", help="output folder (default predictions)")
     predict.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the run's)")
     predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
@@ -87,10 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser, inference: bool = False) -> None:
-    parser.add_argument("--dataset", choices=sorted(SEGMENTATION_DATASETS),
-                        help="embedded dataset (default fashion-semantic)")
+    parser.add_argument("--dataset", choices=DATASETS, help="embedded dataset (default fashion-semantic)")
     parser.add_argument("--data-root", default=None,
-                        help=f"where embedded data is converted (default {default_root()})")
+                        help="where embedded data is converted (default ~/.cache/cyclemlp/data)")
     parser.add_argument("--data", metavar="DIR",
                         help="ADE20K-layout folder (images/{training,validation}, annotations/...)")
     parser.add_argument("--num-classes", type=int, help="classes of --data (150 for ADE20K)")
@@ -115,6 +116,8 @@ def _resolve_data(args: argparse.Namespace) -> tuple[Path, list[str], bool, dict
         if args.num_classes and len(classes) != args.num_classes:
             raise ValueError(f"--classes-file lists {len(classes)} classes but --num-classes is {args.num_classes}")
         return Path(args.data), classes, args.reduce_zero_label, {}
+    from ..dense.datasets import SEGMENTATION_DATASETS
+
     name = args.dataset or "fashion-semantic"
     data = SEGMENTATION_DATASETS[name](args.data_root)
     return data.root, list(data.classes), data.reduce_zero_label, DATA_DEFAULTS[name]
@@ -123,9 +126,10 @@ def _resolve_data(args: argparse.Namespace) -> tuple[Path, list[str], bool, dict
 def run_train(args: argparse.Namespace) -> int:
     from ..dense.segmentation.data import SegmentationDataset, train_transform
     from ..dense.segmentation.train import SegmentationRecipe, train_segmenter
+    from ..models.cyclemlp import MODEL_CONFIGS
 
-    backbone = args.backbone or DEFAULT_BACKBONE[args.model]
-    if backbone not in MODEL_CONFIGS:
+    backbone = args.backbone
+    if backbone not in (None, *MODEL_CONFIGS):
         raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(MODEL_CONFIGS)}")
     root, classes, reduce_zero, defaults = _resolve_data(args)
     crop = args.crop_size or defaults.get("crop_size", 512)
@@ -153,8 +157,10 @@ def _percent(value: float) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..dense.datasets import SEGMENTATION_DATASETS
     from ..dense.segmentation.data import SegmentationDataset
     from ..dense.segmentation.train import SegmentationRecipe, evaluate_segmenter, load_segmenter
+    from ..io import atomic_write
     from ..training.engine import DistInfo, resolve_device
 
     device = resolve_device(args.device)
@@ -190,17 +196,23 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from ..data.folder import image_inputs
     from ..dense.segmentation.train import load_segmenter, predict_segmentation
+    from ..io import atomic_write
     from ..training.engine import resolve_device
 
     device = resolve_device(args.device)
     model, config, _ = load_segmenter(args.checkpoint, device)
     if args.mode:
         config["recipe"]["mode"] = args.mode
-    records = predict_segmentation(model, image_files(args.images), args.output, config, device, args.alpha)
-    for record in records:
-        top = sorted(record["fractions"].items(), key=lambda kv: -kv[1])[:3]
-        print(f"{record['file']} -> {record['overlay']} ({', '.join(f'{k} {100 * v:.1f}%' for k, v in top)})")
+    files, problems = image_inputs(args.images)
+    records = predict_segmentation(model, files, args.output, config, device, args.alpha)
     if args.json:
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
-    return 0
+        rows = records + [{"file": item, "error": problem} for item, problem in problems]
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+
+    def describe(record: dict) -> str:
+        top = sorted(record["fractions"].items(), key=lambda kv: -kv[1])[:3]
+        return f"{record['file']} -> {record['overlay']} ({', '.join(f'{k} {100 * v:.1f}%' for k, v in top)})"
+
+    return report_predictions("segment predict", records, problems, describe)

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import get_img_extensions
 from torch.utils.data import Dataset
 
-__all__ = ["CorruptImageError", "ImageFolder", "find_classes", "find_images"]
+__all__ = ["CorruptImageError", "ImageFolder", "find_classes", "find_images", "image_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,24 @@ class CorruptImageError(ValueError):
 
 def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in get_img_extensions()
+
+
+def image_inputs(items: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files a command was given: files named directly, and the images inside named
+    folders (sorted by name); plus ``(item, problem)`` for each item that yields none."""
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and _is_image(p.name))
+            if not found:
+                problems.append((str(item), "a folder without images"))
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            problems.append((str(item), "no such file or folder"))
+    return files, problems
 
 
 def find_classes(split_dir: str | os.PathLike) -> list[str]:

@@ -19,9 +19,10 @@ from torch.utils.data import Dataset, Subset
 
 from ..io import CheckpointError, save_weights
 from ..training import engine
+from ..training.config import jsonable
 
 __all__ = [
-    "adamw", "find_checkpoint", "finish_run", "load_run", "open_run", "palette", "read_images", "restore_run",
+    "adamw", "find_checkpoint", "finish_run", "load_run", "open_run", "palette", "read_image", "restore_run",
     "save_round", "shard", "short_list", "unwrap",
 ]
 
@@ -54,14 +55,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# Settings of a dense run that do not change its result: a resumed run may give others.
+RUN_ONLY = frozenset({"workers"})
+
+
 def open_run(
     out_dir: str | os.PathLike, resume: str | os.PathLike | None, config: dict[str, Any],
-    compare: Iterable[str],
 ) -> dict[str, Any] | None:
     """Check the output folder and read the state to resume from.
 
     A folder that already holds a run is never overwritten: without ``resume`` that is an error.
-    With ``resume`` the checkpoint's ``config`` must agree with ``config`` on the ``compare`` keys.
+    With ``resume`` the checkpoint's ``config`` must equal ``config`` in everything but the
+    run-only recipe values (:data:`RUN_ONLY`); the error lists each difference. A backbone (and
+    its arguments) not given is filled in from the checkpoint, in ``config``.
     """
     out = Path(out_dir)
     if resume is None:
@@ -72,16 +78,32 @@ def open_run(
             )
         return None
     state = engine.load_training_state(engine.resolve_resume(resume))
-    saved = state.get("config", {})
-    differ = [k for k in compare if k in saved and saved[k] != config.get(k)]
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{resume} holds no run configuration: it was not written by a cyclemlp training command")
+    for key, unset in (("backbone", None), ("backbone_kwargs", {})):  # not given: the run's own
+        if config.get(key) == unset:
+            config[key] = saved.get(key, unset)
+    differ = [(k, saved.get(k), v) for k, v in _flatten(config).items()
+              if k.split(".")[-1] not in RUN_ONLY and _flatten(saved).get(k) != v]
     if differ:
         raise ValueError(
-            f"cannot resume {resume}: it was trained with "
-            + ", ".join(f"{k}={saved[k]!r}" for k in differ)
-            + "; this run asks for "
-            + ", ".join(f"{k}={config.get(k)!r}" for k in differ)
+            f"cannot resume {resume}: these values differ from the run's record and would change its result\n"
+            + "\n".join(f"  {k}: recorded {_flatten(saved).get(k)!r}, given {v!r}" for k, _, v in differ)
+            + "\nresume with the values the run was started with"
         )
     return state
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"recipe": {"lr": 1}}`` -> ``{"recipe.lr": 1}``, tuples as lists (what a checkpoint holds)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "backbone_kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = jsonable(value)
+    return out
 
 
 def find_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -97,7 +119,11 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
                 break
         else:
             raise FileNotFoundError(f"{path} holds no {engine.BEST} or {engine.LAST}")
-    state = engine.load_training_state(path)
+    try:
+        state = engine.load_training_state(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; give a run folder of `cyclemlp detect train` / `segment train`, or its "
+                              "best.pth or last.pth") from err
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(
             f"{path} has no model configuration; it was not written by a cyclemlp dense-prediction run"
@@ -163,22 +189,16 @@ def load_run(
     return model.to(device).eval(), config, path
 
 
-def read_images(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, torch.Tensor]]:
-    """Image files as uint8 RGB tensors ``(3, H, W)``; an unreadable file raises ValueError naming it
-    before any is processed."""
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as a uint8 RGB tensor ``(3, H, W)``; ValueError naming the file if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
-    images = []
-    for path in map(Path, paths):
-        try:
-            with Image.open(path) as handle:
-                array = np.asarray(handle.convert("RGB")).copy()
-        except FileNotFoundError:
-            raise
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
-        images.append((path, torch.from_numpy(array).permute(2, 0, 1)))
-    return images
+    try:
+        with Image.open(path) as handle:
+            array = np.asarray(handle.convert("RGB")).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read the image ({err})") from err
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def short_list(items: Sequence[str], limit: int = 8) -> str:

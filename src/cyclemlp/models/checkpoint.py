@@ -301,6 +301,17 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return {**{k: body[k] for k in matched}, **head}
 
 
+def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A stem convolution's weight for ``in_chans`` input channels: timm's rule from RGB; from grey,
+    the one channel's weight spread evenly over the new ones (a grey image repeated over them
+    gives the same response)."""
+    if weight.shape[1] == 1:
+        return weight.repeat(1, in_chans, 1, 1) / in_chans
+    from timm.models import adapt_input_conv
+
+    return adapt_input_conv(in_chans, weight)
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
@@ -319,7 +330,7 @@ def load_checkpoint(
             missing (left at initialisation) or extra (ignored).
         reset_head: a classifier of another class count in the file is skipped and the model's
             head kept at initialisation (fine-tuning); otherwise that is an error.
-        adapt_in_chans: convert a 3-channel stem to the model's ``in_chans`` (timm's rule).
+        adapt_in_chans: convert the file's stem (RGB, or grey) to the model's ``in_chans``.
         use_ema: prefer the EMA weights of a training container.
 
     Raises:
@@ -335,10 +346,8 @@ def load_checkpoint(
 
     stem_key = "stem.proj.weight"
     if adapt_in_chans and stem_key in state and state[stem_key].shape != expected[stem_key].shape:
-        from timm.models import adapt_input_conv
-
         notes.append(f"stem converted from {state[stem_key].shape[1]} to {expected[stem_key].shape[1]} input channels")
-        state[stem_key] = adapt_input_conv(expected[stem_key].shape[1], state[stem_key])
+        state[stem_key] = _adapt_stem(state[stem_key], expected[stem_key].shape[1])
 
     matched, missing, unexpected = _match(state, expected, strict, reset_head, notes, f"{path} ({layout} layout)")
     target.load_state_dict({k: state[k] for k in matched}, strict=False)

@@ -307,6 +307,7 @@ class CheckpointManager:
         self.enabled = enabled
         self.mode = mode
         self.best: float | None = None
+        self.best_epoch: int | None = None
 
     @property
     def last_path(self) -> Path:
@@ -324,14 +325,18 @@ class CheckpointManager:
         return metric > self.best if self.mode == "max" else metric < self.best
 
     def save(self, state: dict[str, Any], metric: float | None = None) -> bool:
-        """Write ``state`` to ``last.pth`` (atomically) and to ``best.pth`` if ``metric`` improved.
+        """Write ``state`` to ``last.pth`` (atomically), then copy it to ``best.pth`` if ``metric``
+        improved.
 
-        ``state["best_metric"]`` is set before writing. Returns whether this was a new best.
+        ``state["best_metric"]`` and ``state["best_epoch"]`` (``state["epoch"]`` of the best
+        metric) are set before writing, so ``last.pth`` alone says which epoch ``best.pth``
+        must hold. Returns whether this was a new best.
         """
         improved = metric is not None and self.is_better(float(metric))
         if improved:
             self.best = float(metric)
-        state = {**state, "best_metric": self.best}
+            self.best_epoch = state.get("epoch")
+        state = {**state, "best_metric": self.best, "best_epoch": self.best_epoch}
         if self.enabled:
             atomic_write(self.last_path, _torch_save(state))
             if improved:
@@ -359,10 +364,7 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training state written by :class:`CheckpointManager` (``weights_only=True``)."""
     state = read_checkpoint(path)
     if not isinstance(state, Mapping) or "epoch" not in state or "model" not in state:
-        raise CheckpointError(
-            f"{path} is not a training checkpoint (it has no 'epoch'/'model' entries); to start from "
-            "weights, use them as initial weights instead of resuming"
-        )
+        raise CheckpointError(f"{path} is not a training checkpoint of cyclemlp (it has no 'epoch'/'model' entries)")
     return dict(state)
 
 
@@ -373,26 +375,34 @@ class MetricsLogger:
     """Per-epoch metrics as ``metrics.csv`` + ``metrics.json`` (rewritten atomically after each row),
     optionally TensorBoard scalars (``tb/``), and a PNG of the curves at the end.
 
-    An existing ``metrics.json`` in ``directory`` is read back, so a resumed run continues its log
-    (call :meth:`truncate` with the resumed epoch to drop rows written after that checkpoint).
+    An existing ``metrics.json`` in ``directory`` is read back (unless ``read_existing`` is False),
+    so a resumed run continues its log (call :meth:`truncate` with the resumed epoch to drop rows
+    written after that checkpoint); or set :attr:`rows` from the checkpoint and call :meth:`sync`.
     """
 
-    def __init__(self, directory: str | os.PathLike, enabled: bool = True, tensorboard: bool = False) -> None:
+    def __init__(self, directory: str | os.PathLike, enabled: bool = True, tensorboard: bool = False,
+                 read_existing: bool = True) -> None:
         self.directory = Path(directory)
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         self._tb = None
-        if enabled and self.json_path.is_file():
+        if enabled and read_existing and self.json_path.is_file():
             try:
                 self.rows = json.loads(self.json_path.read_text())
             except json.JSONDecodeError:
                 logger.warning("ignoring unreadable %s", self.json_path)
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ValueError("TensorBoard logging needs the 'tensorboard' package (pip install tensorboard)") from err
-            self._tb = SummaryWriter(str(self.directory / "tb"))
+        if tensorboard:
+            self.open_tensorboard()
+
+    def open_tensorboard(self) -> None:
+        """Also write every logged row as TensorBoard scalars, under ``directory/tb``."""
+        if not self.enabled or self._tb is not None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError("TensorBoard logging needs the 'tensorboard' package (pip install tensorboard)") from err
+        self._tb = SummaryWriter(str(self.directory / "tb"))
 
     @property
     def csv_path(self) -> Path:
@@ -411,14 +421,25 @@ class MetricsLogger:
         self.rows.append(row)
         if not self.enabled:
             return
-        atomic_write(self.json_path, lambda tmp: Path(tmp).write_text(json.dumps(self.rows, indent=1)))
-        atomic_write(self.csv_path, lambda tmp: Path(tmp).write_text(self._csv()))
+        self.sync()
         if self._tb is not None:
             step = int(row.get("epoch", len(self.rows) - 1))
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+
+    def sync(self) -> bool:
+        """Write ``metrics.json`` and ``metrics.csv`` where they do not hold :attr:`rows`; True if
+        either was written."""
+        if not self.enabled:
+            return False
+        written = False
+        for path, text in ((self.json_path, json.dumps(self.rows, indent=1)), (self.csv_path, self._csv())):
+            if not (path.is_file() and path.read_text() == text):
+                atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+                written = True
+        return written
 
     def _csv(self) -> str:
         fields: list[str] = []

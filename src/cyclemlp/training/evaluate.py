@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from timm.data import ImageNetInfo
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
 from ..models.factory import data_config, model_from_checkpoint
 from . import engine
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EvalResult",
@@ -149,7 +149,7 @@ def evaluate_checkpoint(
     model_kwargs: Mapping[str, Any] | None = None,
     pretrained: bool = False,
     use_ema: bool = False,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     crop_pct: float | None = None,
     interpolation: str | None = None,
     batch_size: int = 128,
@@ -198,8 +198,11 @@ def evaluate_checkpoint(
 
 @dataclass
 class Prediction:
+    """The top classes of one image, or why it has none."""
+
     path: str
     classes: list[tuple[int, str, float]]  # (index, name, probability), most likely first
+    error: str | None = None  # the image could not be read
 
 
 def class_names(num_classes: int, run: Mapping[str, Any] | None) -> list[str]:
@@ -220,43 +223,42 @@ def predict(
     model_kwargs: Mapping[str, Any] | None = None,
     pretrained: bool = False,
     topk: int = 5,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     crop_pct: float | None = None,
     interpolation: str | None = None,
     device: str = "auto",
     use_ema: bool = False,
 ) -> list[Prediction]:
-    """Top-``topk`` classes of each image file, with names and probabilities."""
+    """Top-``topk`` classes of image files (folders stand for the images inside), with names and
+    probabilities. An input that is missing or unreadable gets a :class:`Prediction` with
+    ``error`` set (those come first); the others are predicted all the same."""
     from PIL import Image, UnidentifiedImageError
 
     from ..data import build_transform
+    from ..data.folder import image_inputs
 
     if not images:
         raise ValueError("no images given")
     if topk < 1:
         raise ValueError(f"topk must be positive; got {topk}")
+    files, problems = image_inputs(images)
     dev = engine.resolve_device(device)
     net, run, _ = model_from_checkpoint(checkpoint, model, model_kwargs, pretrained=pretrained, use_ema=use_ema)
     net.to(dev)
     cfg = data_config(net, run, img_size, crop_pct, interpolation)
     transform = build_transform(cfg, False)
     mode = "L" if cfg["input_size"][0] == 1 else "RGB"
-    logits_list = []
-    for path in images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image not found: {path}")
+    names: list[str] | None = None
+    out = [Prediction(item, [], problem) for item, problem in problems]
+    for path in files:
         try:
             with Image.open(path) as img:
                 tensor = transform(img.convert(mode))
-        except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
-        logits_list.append(net(tensor[None].to(dev))[0].float().cpu())
-    logits = torch.stack(logits_list)
-    names = class_names(logits.shape[1], run)
-    probs = logits.softmax(dim=1)
-    top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [
-        Prediction(str(path), [(int(i), names[int(i)], float(p)) for p, i in zip(values, indices)])
-        for path, values, indices in zip(images, top.values, top.indices)
-    ]
-
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            out.append(Prediction(str(path), [], f"cannot read the image ({err})"))
+            continue
+        probs = net(tensor[None].to(dev))[0].float().cpu().softmax(dim=0)
+        names = names or class_names(len(probs), run)
+        top = probs.topk(min(topk, len(probs)))
+        out.append(Prediction(str(path), [(int(i), names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]))
+    return out

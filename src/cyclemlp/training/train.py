@@ -5,35 +5,36 @@ Python use::
 
     from cyclemlp.training.train import TrainConfig, train
 
-    result = train(TrainConfig(model="cyclemlp_b1", dataset="fashion-mnist", epochs=2,
-                               model_kwargs=dict(stepsize=7, pattern="paper")))
+    result = train(TrainConfig.from_recipe("fashion-mnist", epochs=2,
+                                           model_kwargs=dict(stepsize=7, pattern="paper")))
     print(result.top1, result.weights)
 
-    # a ready-made module (e.g. an ablation variant): called as factory(num_classes=, in_chans=)
-    result = train(TrainConfig(dataset="fashion-mnist", epochs=1), model_factory=my_builder)
+    result = train(resume=result.output_dir, epochs=4)   # continue it, extended to 4 epochs
 
-``recipe("imagenet")`` is the authors' recipe (SPEC §5); ``TrainConfig.from_recipe(name, **overrides)``
-starts from a recipe and overrides any value. The loop itself is :func:`train_one_epoch`: forward,
-NaN/Inf guard, backward (gradient accumulation, DDP ``no_sync`` on the micro-steps), clipping,
-optimizer and EMA steps, all on one screen. Each epoch ends with an evaluation, a metrics row and
-an atomic checkpoint (``last.pth``, ``best.pth``); the run ends with ``model.safetensors`` and
-``curves.png`` in the output folder.
+    # a ready-made module (e.g. an ablation variant): called as factory(num_classes=, in_chans=)
+    result = train(TrainConfig.from_recipe("fashion-mnist", epochs=1), model_factory=my_builder)
+
+The configuration and the recipes are in :mod:`cyclemlp.training.config`; what a run folder holds
+and how a resumed run is kept one run, in :mod:`cyclemlp.training.record`. The loop itself is
+:func:`train_one_epoch`: forward, NaN/Inf guard, backward (gradient accumulation, DDP ``no_sync``
+on the micro-steps), clipping, optimizer and EMA steps, all on one screen. Each epoch ends with an
+evaluation, an atomic checkpoint (``last.pth``, ``best.pth``) and a metrics row; the run ends with
+``curves.png`` and ``model.safetensors``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import timm
 import torch
+from safetensors import safe_open
 from timm.data import Mixup, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -49,7 +50,6 @@ from ..data import (
     build_loader,
     build_sampler,
     build_transform,
-    builtin_name,
     cache_images,
     cacheable,
     default_splits,
@@ -57,189 +57,19 @@ from ..data import (
     static_part,
 )
 from ..io import CheckpointError, save_weights
-from ..models.factory import load_weights
-from . import engine
+from ..models.factory import create_model, load_weights, model_args
+from . import engine, record
+from .config import RECIPES, TrainConfig, jsonable, recipe, resume_config
 from .evaluate import evaluate
 
 __all__ = ["RECIPES", "TrainConfig", "TrainResult", "build_model", "recipe", "train", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
-# --- recipes --------------------------------------------------------------------------------------
-
-# The authors' ImageNet recipe (DeiT-derived), SPEC §5. Batch 128 per process: 8 processes make
-# the global 1024, for which the linear rule gives lr 5e-4 * 1024 / 512 = 1e-3.
-IMAGENET = dict(
-    img_size=224, crop_pct=0.875, interpolation="bicubic", batch_size=128,
-    opt="adamw", lr=None, lr_base=5e-4, lr_base_size=512, opt_eps=1e-8, opt_betas=(0.9, 0.999),
-    weight_decay=0.05, clip_grad=None,
-    sched="cosine", epochs=300, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=0,
-    sched_on_updates=False,
-    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.4, aa="rand-m9-mstd0.5-inc1",
-    reprob=0.25, remode="pixel", recount=1,
-    mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch", smoothing=0.1,
-    aug_repeats=3, drop_path=0.1, amp=True, amp_dtype="float16", model_ema=True, model_ema_decay=0.99996,
-)
-
-# Fashion-MNIST, 28x28 grey: a short CPU schedule, chosen by measurement (README "Training").
-# 32 px is the smallest input every peer of the benchmark accepts with its own stem; over short
-# schedules flips alone beat random-resized crops, translation and drop path (the models underfit);
-# from about 13 epochs on, random erasing (``reprob=0.25``) pays (README "Training").
-FASHION_MNIST = dict(
-    img_size=32, crop_pct=1.0, interpolation="bilinear", batch_size=128,
-    opt="adamw", lr=3e-3, weight_decay=0.05, clip_grad=None,
-    sched="cosine", epochs=10, warmup_epochs=0.3, warmup_lr=1e-5, min_lr=1e-5, sched_on_updates=True,
-    scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5, color_jitter=0.0, aa=None,
-    reprob=0.0, remode="pixel", recount=1,
-    mixup=0.0, cutmix=0.0, smoothing=0.1, aug_repeats=0, drop_path=0.0, amp=False, model_ema=False,
-)
-
 # timm optimizer names whose torch class has a fused step (``fused=True``)
 FUSED_OPTIMIZERS = frozenset({"adam", "adamw"})
-
-RECIPES: dict[str, dict[str, Any]] = {"imagenet": IMAGENET, "fashion-mnist": FASHION_MNIST}
-
-
-def recipe(name: str) -> dict[str, Any]:
-    """A copy of a named recipe's values (``imagenet``: SPEC §5; ``fashion-mnist``)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    return dict(RECIPES[name])
-
-
-# --- configuration --------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on. Names follow timm's ``train.py`` flags."""
-
-    # model
-    model: str = "cyclemlp_b1"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. stepsize=7, pattern="paper"
-    pretrained: bool = False
-    initial_checkpoint: str | None = None  # weights to start from (not a resume)
-    drop_rate: float = 0.0
-    drop_path: float | None = None  # None: the model's own default
-    grad_checkpointing: bool = False
-    in_chans: int | None = None  # None: the data's (1 for fashion-mnist, 3 for image folders)
-    channels_last: bool = False
-    # data
-    dataset: str | None = None  # built-in name ("fashion-mnist")
-    data: str | None = None  # ImageNet-layout root; for a built-in dataset, a folder with its files
-    train_split: str | None = None
-    val_split: str | None = None
-    train_subset: int | None = None
-    val_subset: int | None = None
-    strict: bool = False  # stop at an unreadable image instead of skipping it
-    img_size: int | None = None
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    batch_size: int = 128  # per process
-    workers: int = 2
-    # serve batches from images transformed once (None: when possible — an in-memory built-in
-    # dataset whose augmentation is flips only; see cyclemlp.data.cached)
-    cache_data: bool | None = None
-    samples_per_epoch: int | None = None  # None: one pass over the training split per epoch
-    # augmentation
-    no_aug: bool = False
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    aa: str | None = None
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    pad_crop: int = 0  # random translation: crop from the image zero-padded by N pixels per side
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    smoothing: float = 0.1
-    aug_repeats: int = 0
-    # optimisation
-    opt: str = "adamw"
-    lr: float | None = None  # None: lr_base * global_batch / lr_base_size
-    lr_base: float = 5e-4
-    lr_base_size: int = 512
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    opt_eps: float | None = None
-    opt_betas: tuple[float, float] | None = None
-    # torch's fused (one-kernel) Adam/AdamW step; None: on for adam/adamw on CPU and CUDA
-    opt_fused: bool | None = None
-    clip_grad: float | None = None
-    sched: str = "cosine"
-    epochs: int = 300
-    warmup_epochs: float = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    cooldown_epochs: int = 0
-    sched_on_updates: bool = False
-    grad_accum_steps: int = 1
-    amp: bool = False
-    amp_dtype: str = "float16"
-    model_ema: bool = False
-    model_ema_decay: float = 0.99996
-    # run
-    seed: int = 42
-    device: str = "auto"
-    threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    output: str | None = None  # run folder; default runs/<model>-<data>[-N]
-    resume: str | None = None  # a last.pth, or a run folder
-    tensorboard: bool = False
-    progress: bool = True
-    recipe: str | None = None  # informational: the recipe the values came from
-
-    @classmethod
-    def from_recipe(cls, name: str | None, **overrides: Any) -> "TrainConfig":
-        """A config holding recipe ``name``'s values, then ``overrides``."""
-        values = recipe(name) if name else {}
-        values.update(overrides)
-        if name:
-            values.setdefault("recipe", name)
-        return cls(**values)
-
-    def check(self) -> None:
-        """Raise ValueError naming the first invalid value."""
-        if self.dataset is None and self.data is None:
-            raise ValueError("no dataset given: pass --dataset NAME (built-in) or --data DIR (image folder)")
-        if self.dataset is not None:
-            self.dataset = builtin_name(self.dataset)
-        positive = dict(batch_size=self.batch_size, epochs=self.epochs, grad_accum_steps=self.grad_accum_steps)
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be positive; got {self.samples_per_epoch}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive; got {self.threads}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0; got {self.workers}")
-        if self.img_size is not None and self.img_size < 8:
-            raise ValueError(f"img_size must be at least 8 pixels; got {self.img_size}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number; got {self.lr}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
-        if self.amp_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16'; got {self.amp_dtype!r}")
-        if self.in_chans not in (None, 1, 3):
-            raise ValueError(f"in_chans must be 1 or 3; got {self.in_chans}")
-        for name in ("reprob", "hflip", "mixup_prob", "mixup_switch_prob", "smoothing"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1]; got {value}")
-        if self.pad_crop < 0:
-            raise ValueError(f"pad_crop must be a number of pixels >= 0; got {self.pad_crop}")
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be within (0, 1]; got {self.crop_pct}")
-        if not isinstance(self.model_kwargs, Mapping):
-            raise ValueError(f"model_kwargs must be a mapping of keyword arguments; got {self.model_kwargs!r}")
+# metrics columns that measure time, not the result (they differ between a run and its resumption)
+TIMING_COLUMNS = ("train_img_per_s", "epoch_s", "cpu_s", "time_s")
 
 
 @dataclass
@@ -261,6 +91,7 @@ class TrainResult:
     best_checkpoint: Path
     history: list[dict[str, Any]]
     config: dict[str, Any]
+    trained_epochs: int = 0  # epochs this call trained (0: the run was complete)
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -270,23 +101,20 @@ def build_model(
     config: TrainConfig, num_classes: int, in_chans: int, model_factory: Callable[..., nn.Module] | None = None
 ) -> nn.Module:
     """The model to train: ``model_factory(num_classes=, in_chans=)`` if given, else
-    ``timm.create_model(config.model, ...)`` with ``config.model_kwargs``."""
+    ``timm.create_model(config.model, ...)`` with :func:`model_kwargs`."""
     if model_factory is not None:
         return model_factory(num_classes=num_classes, in_chans=in_chans)
-    import cyclemlp  # noqa: F401  (registers the CycleMLP models with timm)
+    return create_model(config.model, pretrained=config.pretrained, num_classes=num_classes, in_chans=in_chans,
+                        **model_kwargs(config))
 
-    if not timm.is_model(config.model):
-        raise ValueError(f"unknown model {config.model!r}; see timm.list_models() (CycleMLP: cyclemlp_b1 ...)")
-    kwargs = dict(config.model_kwargs)
+
+def model_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The constructor arguments the config gives the model (besides classes and channels)."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model_kwargs.items()}
     kwargs.setdefault("drop_rate", config.drop_rate)
     if config.drop_path is not None:
         kwargs.setdefault("drop_path_rate", config.drop_path)
-    try:
-        return timm.create_model(
-            config.model, pretrained=config.pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
-    except TypeError as err:
-        raise ValueError(f"model {config.model!r} does not accept these model kwargs {kwargs}: {err}") from err
+    return kwargs
 
 
 def _data_config(config: TrainConfig, model: nn.Module, dataset: Any, in_chans: int) -> dict[str, Any]:
@@ -313,15 +141,10 @@ def _data_config(config: TrainConfig, model: nn.Module, dataset: Any, in_chans: 
     return out
 
 
-def _output_dir(config: TrainConfig) -> Path:
-    if config.resume:
-        return engine.resolve_resume(config.resume).parent
+def _new_output_dir(config: TrainConfig) -> Path:
     if config.output:
         out = Path(config.output)
-        if (out / engine.LAST).exists():
-            raise ValueError(
-                f"{out} already holds a training run; pass --resume {out} to continue it, or another --output"
-            )
+        record.check_new_run_folder(out)
         return out
     data = config.dataset or Path(str(config.data)).name
     base = Path("runs") / f"{config.model}-{data}"
@@ -339,12 +162,10 @@ def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], context
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
+def _versions() -> dict[str, str]:
+    import cyclemlp
+
+    return {"cyclemlp": cyclemlp.__version__, "torch": str(torch.__version__), "timm": str(timm.__version__)}
 
 
 # --- one epoch ------------------------------------------------------------------------------------
@@ -455,29 +276,43 @@ def train(
         config: a :class:`TrainConfig` or a mapping of its fields (``recipe`` in a mapping selects
             the starting values).
         model_factory: builds the model instead of timm: ``factory(num_classes=, in_chans=)``.
-        overrides: fields replacing the config's.
+        overrides: fields replacing the config's. ``train(resume=RUN, **changes)`` continues a run
+            from its record: ``changes`` may only be values that cannot change the result
+            (:data:`~cyclemlp.training.config.RUN_FIELDS`) or a larger ``epochs`` (an
+            extension: the schedule is rebuilt for the new length from the next step on).
 
     Under ``torchrun`` every process calls this; rank 0 writes the files. Raises ValueError /
-    FileNotFoundError / CheckpointError for bad settings, data or checkpoints, and
-    :class:`cyclemlp.training.engine.NonFiniteLossError` when the loss becomes NaN/Inf.
+    FileNotFoundError / CheckpointError for bad settings, data or checkpoints (a resume with
+    values that differ from the record raises :class:`~cyclemlp.training.config.ResumeConflictError`
+    listing them), and :class:`cyclemlp.training.engine.NonFiniteLossError` when the loss becomes
+    NaN/Inf.
     """
-    if config is None:
-        config = TrainConfig()
-    elif isinstance(config, Mapping):
+    if isinstance(config, Mapping):
         values = dict(config)
         config = TrainConfig.from_recipe(values.pop("recipe", None), **values)
-    config = dataclasses.replace(config, **overrides)
+    folder = None
+    resume = overrides.get("resume") or (config.resume if config is not None else None)
+    if resume:
+        folder = record.open_run_folder(resume)
+        given = dict(overrides) if config is None else {**dataclasses.asdict(config), **overrides}
+        if "output" in given and given["output"] is not None and Path(given["output"]) != folder.path:
+            raise ValueError(f"--output {given['output']} is not the run being resumed ({folder.path}); leave it out")
+        config = resume_config(folder.config, given, str(folder.path), folder.epochs_done)
+        config.resume, config.output = str(folder.path), str(folder.path)
+    else:
+        config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.check()
     joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist = engine.setup_distributed(config.device)
     try:
-        return _run(config, model_factory, dist)
+        return _run(config, model_factory, dist, folder)
     finally:
         if joined:
             engine.cleanup_distributed()
 
 
-def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, dist: engine.DistInfo) -> TrainResult:
+def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, dist: engine.DistInfo,
+         folder: record.RunFolder | None) -> TrainResult:
     wall_start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -558,7 +393,8 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     fused_opt = config.opt.lower() in FUSED_OPTIMIZERS
     if config.opt_fused and not fused_opt:
         raise ValueError(f"--opt-fused: torch has a fused step for {sorted(FUSED_OPTIMIZERS)}, not {config.opt!r}")
-    if config.opt_fused or (config.opt_fused is None and fused_opt and device.type in ("cpu", "cuda")):
+    opt_fused = bool(config.opt_fused or (config.opt_fused is None and fused_opt and device.type in ("cpu", "cuda")))
+    if opt_fused:
         opt_kwargs["fused"] = True  # the same update as the per-tensor loop, in one kernel per step
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
                                     momentum=config.momentum, **opt_kwargs)
@@ -585,128 +421,222 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
     if dist.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # files
-    out_dir = Path(engine.all_gather_objects(str(_output_dir(config)) if dist.is_main else None, dist)[0])
-    ckpt = engine.CheckpointManager(out_dir, enabled=dist.is_main, mode="max")
-    log = engine.MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=config.tensorboard)
+    # the record: every value resolved, the model's full arguments, the classes and preprocessing
+    name = config.model if model_factory is None else getattr(model_factory, "__name__", "custom")
     run_info = dict(
-        model=config.model if model_factory is None else getattr(model_factory, "__name__", "custom"),
-        model_kwargs=_jsonable(dict(config.model_kwargs)), num_classes=len(classes), in_chans=in_chans,
-        classes=classes, data_config=_jsonable(data_config),
+        model=name, model_kwargs=model_args(name, model_kwargs(config)) if model_factory is None else {},
+        num_classes=len(classes), in_chans=in_chans, classes=classes, data_config=jsonable(data_config),
         dataset=config.dataset or str(config.data), custom_model=model_factory is not None,
     )
-    config_dict = _jsonable(dataclasses.asdict(config))
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        engine.atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(
-            json.dumps(dict(config=config_dict, run=run_info, lr=lr, global_batch=global_batch,
-                            world_size=dist.world_size, params=params), indent=1)))
-
-    start_epoch, num_updates = 0, 0
-    if config.resume:
-        state = engine.load_training_state(engine.resolve_resume(config.resume))
-        _check_resume(state, run_info)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if not state.get("model_ema"):
-                raise CheckpointError(f"{config.resume} has no EMA weights; resume without --model-ema")
-            ema.module.load_state_dict(state["model_ema"])
-        engine.restore_rng_state(state["rng"], dist)
-        ckpt.best = state.get("best_metric")
-        start_epoch, num_updates = state["epoch"] + 1, state["num_updates"]
-        log.rows = [dict(r) for r in state.get("history", [])]  # the log as of that checkpoint
-        engine.print0(f"resumed from {config.resume} at epoch {start_epoch}", dist=dist)
-
-    engine.print0(
-        f"training {run_info['model']} ({params / 1e6:.2f}M params) on {run_info['dataset']}: "
-        f"{len(train_set)} train / {len(val_set)} eval images, {len(classes)} classes, input "
-        f"{data_config['input_size']}, global batch {global_batch}, lr {lr:.3g}, {config.epochs} epochs, "
-        f"{dist.world_size} process(es) on {device}{', images cached in memory' if cache else ''}; writing to "
-        f"{out_dir}",
-        dist=dist,
+    resolved = dataclasses.replace(
+        config, img_size=size[-1], crop_pct=data_config["crop_pct"], interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), in_chans=in_chans,
+        train_split=train_split, val_split=val_split, lr=lr, cache_data=cache, opt_fused=opt_fused,
     )
-    metrics: dict[str, Any] = {}
-    train_stats: dict[str, float] = {}
-    for epoch in range(start_epoch, config.epochs):
-        epoch_start, cpu_start = time.perf_counter(), time.process_time()
-        train_loader.sampler.set_epoch(epoch)
-        if not config.sched_on_updates:
-            scheduler.step(epoch)
-        train_stats = train_one_epoch(
-            train_model, train_loader, optimizer, criterion, scheduler, epoch, num_updates, dist,
-            accum_steps=config.grad_accum_steps, updates_per_epoch=updates_per_epoch,
-            sched_on_updates=config.sched_on_updates, mixup=mixup, scaler=scaler, autocast=autocast,
-            clip_grad=config.clip_grad, ema=ema, channels_last=config.channels_last,
-            last_checkpoint=ckpt.latest() if dist.is_main else None, progress=config.progress,
-        )
-        num_updates = int(train_stats.pop("num_updates"))
-        result = evaluate(model, val_loader, dist, autocast=autocast, desc=f"eval {epoch}",
-                          progress=config.progress, channels_last=config.channels_last)
-        row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **train_stats,
-                   eval_loss=result.loss, eval_top1=result.top1, eval_top5=result.top5,
-                   eval_skipped=result.skipped)
-        if ema is not None:
-            ema_result = evaluate(ema.module, val_loader, dist, autocast=autocast, desc=f"eval ema {epoch}",
-                                  progress=config.progress, channels_last=config.channels_last)
-            row.update(eval_ema_loss=ema_result.loss, eval_ema_top1=ema_result.top1, eval_ema_top5=ema_result.top5)
-        row["epoch_s"] = round(time.perf_counter() - epoch_start, 2)
-        row["cpu_s"] = round(time.process_time() - cpu_start, 2)  # this process's CPU time (not its loaders')
-        row["time_s"] = round((log.rows[-1].get("time_s", 0.0) if log.rows else 0.0) + row["epoch_s"], 2)
-        improved = ckpt.save(
-            dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 scaler=scaler.state_dict() if scaler is not None else None,
-                 model_ema=ema.module.state_dict() if ema is not None else None, epoch=epoch, num_updates=num_updates,
-                 rng=engine.capture_rng_state(dist), metrics=row, history=log.rows + [row], run=run_info,
-                 config=config_dict),
-            metric=result.top1,
-        )
-        log.log(row)  # after the checkpoint: a logged epoch always has its checkpoint
-        skipped = f", skipped {row['skipped'] + result.skipped} unreadable image(s)" if row["skipped"] + result.skipped else ""
-        engine.print0(
-            f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
-            f"({row['train_img_per_s']:.0f} img/s), eval loss {result.loss:.4f}, top-1 {result.top1:.2f}%, "
-            f"top-5 {result.top5:.2f}%{' (best)' if improved else ''}{skipped}",
-            dist=dist,
-        )
-        metrics = row
+    run_record = dict(
+        config=resolved.as_dict(), run=run_info, world_size=dist.world_size, global_batch=global_batch,
+        params=params, train_images=len(train_set), val_images=len(val_set), versions=_versions(), extended=[],
+    )
 
-    weights = None
-    if dist.is_main:
-        final = metrics or (log.rows[-1] if log.rows else {})
-        meta = dict(run=run_info, epoch=final.get("epoch"), eval_top1=final.get("eval_top1"))
-        weights = save_weights(model, out_dir / "model.safetensors", metadata=meta)
-        if ema is not None:
-            save_weights(ema.module, out_dir / "model_ema.safetensors", metadata=meta)
-        log.plot(title=f"{run_info['model']} on {run_info['dataset']}")
-    log.close()
+    # files
+    ckpt: engine.CheckpointManager
+    start_epoch, num_updates = 0, 0
+    if folder is None:
+        out_dir = Path(engine.all_gather_objects(str(_new_output_dir(config)) if dist.is_main else None, dist)[0])
+    else:
+        out_dir = folder.path
+        run_record = _resumed_record(folder, run_record, config)
+    ckpt = engine.CheckpointManager(out_dir, enabled=dist.is_main, mode="max")
+    log = engine.MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=False, read_existing=False)
+    with contextlib.ExitStack() as stack:
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(record.lock(out_dir))
+            record.remove_temporaries(out_dir)  # what a killed write left behind
+            if folder is None:
+                record.write_json(out_dir / record.RECORD, run_record)
+        if folder is not None and folder.state is not None:
+            state = folder.state
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if not run_record["extended"] or run_record["extended"][-1]["at_epoch"] < folder.epochs_done:
+                scheduler.load_state_dict(state["scheduler"])  # else: the schedule of the extended length
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.module.load_state_dict(state["model_ema"])
+            engine.restore_rng_state(state["rng"], dist)
+            ckpt.best, ckpt.best_epoch = state.get("best_metric"), state.get("best_epoch")
+            start_epoch, num_updates = folder.epochs_done, state["num_updates"]
+            log.rows = [dict(r) for r in state.get("history", [])]
+            if dist.is_main:
+                _repair(out_dir, state, log, ema is not None)
+        if config.tensorboard:
+            log.open_tensorboard()
+
+        if start_epoch >= config.epochs:
+            engine.print0(f"{out_dir} is complete ({config.epochs} epochs); nothing to train (pass --epochs N with "
+                          f"N > {config.epochs} to extend it)", dist=dist)
+        else:
+            if folder is not None:
+                engine.print0(f"resuming {out_dir} at epoch {start_epoch + 1} of {config.epochs}", dist=dist)
+            engine.print0(
+                f"training {run_info['model']} ({params / 1e6:.2f}M params) "
+                f"on {run_info['dataset']}: {len(train_set)} train / {len(val_set)} eval images, {len(classes)} "
+                f"classes, input {data_config['input_size']}, global batch {global_batch}, lr {lr:.3g}, "
+                f"{config.epochs} epochs{f' from epoch {start_epoch + 1}' if start_epoch else ''} (recipe "
+                f"{config.recipe or 'none'}), {dist.world_size} process(es) on {device}"
+                f"{', images cached in memory' if cache else ''}; writing to {out_dir}",
+                dist=dist,
+            )
+        train_stats: dict[str, float] = {}
+        for epoch in range(start_epoch, config.epochs):
+            epoch_start, cpu_start = time.perf_counter(), time.process_time()
+            train_loader.sampler.set_epoch(epoch)
+            if not config.sched_on_updates:
+                scheduler.step(epoch)
+            train_stats = train_one_epoch(
+                train_model, train_loader, optimizer, criterion, scheduler, epoch, num_updates, dist,
+                accum_steps=config.grad_accum_steps, updates_per_epoch=updates_per_epoch,
+                sched_on_updates=config.sched_on_updates, mixup=mixup, scaler=scaler, autocast=autocast,
+                clip_grad=config.clip_grad, ema=ema, channels_last=config.channels_last,
+                last_checkpoint=ckpt.latest() if dist.is_main else None, progress=config.progress,
+            )
+            num_updates = int(train_stats.pop("num_updates"))
+            result = evaluate(model, val_loader, dist, autocast=autocast, desc=f"eval {epoch}",
+                              progress=config.progress, channels_last=config.channels_last)
+            row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **train_stats,
+                       eval_loss=result.loss, eval_top1=result.top1, eval_top5=result.top5,
+                       eval_skipped=result.skipped)
+            if ema is not None:
+                ema_result = evaluate(ema.module, val_loader, dist, autocast=autocast, desc=f"eval ema {epoch}",
+                                      progress=config.progress, channels_last=config.channels_last)
+                row.update(eval_ema_loss=ema_result.loss, eval_ema_top1=ema_result.top1,
+                           eval_ema_top5=ema_result.top5)
+            row["epoch_s"] = round(time.perf_counter() - epoch_start, 2)
+            row["cpu_s"] = round(time.process_time() - cpu_start, 2)  # this process's CPU time (not its loaders')
+            row["time_s"] = round((log.rows[-1].get("time_s", 0.0) if log.rows else 0.0) + row["epoch_s"], 2)
+            # last.pth first: the other files follow it, and a resumed run repairs them from it
+            improved = ckpt.save(
+                dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                     scaler=scaler.state_dict() if scaler is not None else None,
+                     model_ema=ema.module.state_dict() if ema is not None else None, epoch=epoch,
+                     num_updates=num_updates, rng=engine.capture_rng_state(dist), metrics=row,
+                     history=log.rows + [row], record=run_record, run=run_info, config=run_record["config"]),
+                metric=result.top1,
+            )
+            if dist.is_main:
+                record.write_json(out_dir / record.RECORD, run_record)
+            log.log(row)
+            skipped = row["skipped"] + result.skipped
+            engine.print0(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
+                f"({row['train_img_per_s']:.0f} img/s), eval loss {result.loss:.4f}, top-1 {result.top1:.2f}%, "
+                f"top-5 {result.top5:.2f}%{' (best)' if improved else ''}"
+                f"{f', skipped {skipped} unreadable image(s)' if skipped else ''}",
+                dist=dist,
+            )
+            if epoch == config.epochs - 1 and dist.is_main:
+                _finish(out_dir, model, ema, log, run_info, row)
+        log.close()
     engine.barrier(dist)
 
-    final = log.rows[-1] if log.rows else metrics
+    final = log.rows[-1] if log.rows else {}
     best_row = max(log.rows, key=lambda r: r["eval_top1"]) if log.rows else final
     return TrainResult(
         output_dir=out_dir, epochs=config.epochs, top1=final.get("eval_top1", float("nan")),
         top5=final.get("eval_top5", float("nan")), loss=final.get("eval_loss", float("nan")),
         best_top1=best_row.get("eval_top1", float("nan")), best_epoch=best_row.get("epoch", -1),
         train_img_per_s=train_stats.get("train_img_per_s", float("nan")),
-        wall_s=time.perf_counter() - wall_start, params=params, weights=weights,
+        wall_s=time.perf_counter() - wall_start, params=params,
+        weights=out_dir / record.WEIGHTS if (out_dir / record.WEIGHTS).is_file() else None,
         last_checkpoint=ckpt.last_path, best_checkpoint=ckpt.best_path,
-        history=list(log.rows), config=config_dict,
+        history=list(log.rows), config=run_record["config"], trained_epochs=max(0, config.epochs - start_epoch),
     )
+
+
+def _resumed_record(folder: record.RunFolder, fresh: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """The record of a resumed run: its own, checked against what this process rebuilt from it,
+    with an extension of the schedule added when ``config.epochs`` is larger."""
+    old = folder.record
+    if fresh["run"] != old["run"]:
+        differ = sorted(k for k in fresh["run"] if fresh["run"][k] != old["run"].get(k))
+        raise CheckpointError(
+            f"cannot resume {folder.path}: rebuilding it from its record gave another {', '.join(differ)} "
+            f"(recorded {[old['run'].get(k) for k in differ]}, now {[fresh['run'][k] for k in differ]}); has the "
+            "data or the model code changed?"
+        )
+    if old["config"].get("data") != fresh["config"]["data"] and (
+            fresh["train_images"], fresh["val_images"]) != (old.get("train_images"), old.get("val_images")):
+        raise ValueError(
+            f"cannot resume {folder.path} with --data {fresh['config']['data']}: it holds {fresh['train_images']} / "
+            f"{fresh['val_images']} images, the recorded data {old.get('train_images')} / {old.get('val_images')}"
+        )
+    if fresh["versions"] != old.get("versions"):
+        logger.warning("resuming %s under %s (recorded: %s); the continuation may not be bit-exact",
+                       folder.path, fresh["versions"], old.get("versions"))
+    new = dict(old)  # run-only values (threads, workers, ...) stay as the run was started
+    new["config"] = {**old["config"], "epochs": fresh["config"]["epochs"], "data": fresh["config"]["data"]}
+    if config.epochs > old["config"]["epochs"]:
+        new["extended"] = [*old.get("extended", []), dict(at_epoch=folder.epochs_done,
+                                                          epochs_before=old["config"]["epochs"],
+                                                          epochs_after=config.epochs)]
+    return new
+
+
+def _repair(out_dir: Path, state: Mapping[str, Any], log: engine.MetricsLogger, ema: bool) -> None:
+    """Bring a resumed run's files into agreement with its ``last.pth`` (a kill may have left any
+    of them one epoch behind). Writes only what differs."""
+    record.write_json(out_dir / record.RECORD, state["record"])
+    record.repair_best(out_dir, state)
+    metrics_changed = log.sync()
+    complete = int(state["epoch"]) + 1 >= int(state["record"]["config"]["epochs"])
+    if complete and (metrics_changed or not _final_weights_match(out_dir / record.WEIGHTS, state, "model")
+                     or (ema and not _final_weights_match(out_dir / record.EMA_WEIGHTS, state, "model_ema"))
+                     or not (out_dir / record.CURVES).is_file()):
+        model = _StateModule(state["model"])
+        ema_module = _StateModule(state["model_ema"]) if ema else None
+        _finish(out_dir, model, ema_module, log, state["run"], state["metrics"])
+
+
+class _StateModule:
+    """What :func:`_finish` needs of a model, from a state dict."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        return self._state
+
+    @property
+    def module(self) -> "_StateModule":
+        return self
+
+
+def _finish(out_dir: Path, model: Any, ema: Any, log: engine.MetricsLogger, run_info: Mapping[str, Any],
+            final: Mapping[str, Any]) -> None:
+    """The end-of-run files: the curves, then the final weights (``model.safetensors`` last: its
+    presence, matching ``last.pth``, marks a finished run)."""
+    log.plot(title=f"{run_info['model']} on {run_info['dataset']}")
+    meta = dict(run=run_info, epoch=final.get("epoch"), eval_top1=final.get("eval_top1"))
+    if ema is not None:
+        save_weights(ema.module, out_dir / record.EMA_WEIGHTS, metadata=meta)
+    save_weights(model, out_dir / record.WEIGHTS, metadata=meta)
+
+
+def _final_weights_match(path: Path, state: Mapping[str, Any], key: str) -> bool:
+    """Whether ``path`` holds ``state[key]``'s weights, written at ``state``'s epoch."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("epoch") != str(state["epoch"]) or set(handle.keys()) != set(state[key]):
+                return False
+            return all(torch.equal(handle.get_tensor(k), v.cpu()) for k, v in state[key].items())
+    except Exception:  # noqa: BLE001  (an unreadable file is one to rewrite)
+        return False
 
 
 def _set_transform(dataset: Any, transform: Callable) -> None:
     getattr(dataset, "dataset", dataset).transform = transform  # through a Subset
-
-
-def _check_resume(state: Mapping[str, Any], run_info: Mapping[str, Any]) -> None:
-    saved = state.get("run", {})
-    for key in ("model", "num_classes", "in_chans", "model_kwargs"):
-        if key in saved and saved[key] != run_info[key]:
-            raise CheckpointError(
-                f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, this run has "
-                f"{key}={run_info[key]!r}"
-            )

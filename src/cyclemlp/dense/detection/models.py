@@ -18,7 +18,6 @@ import os
 from collections import OrderedDict
 from typing import Any, Sequence
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -32,6 +31,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from ...models.checkpoint import LoadReport, load_checkpoint
 from ...models.cyclemlp import MODEL_CONFIGS
+from ...models.factory import check_model_arguments, create_model
 
 __all__ = ["PyramidBackbone", "cyclemlp_fpn", "retinanet", "mask_rcnn", "resnet_fpn", "DETECTORS"]
 
@@ -105,8 +105,9 @@ def cyclemlp_fpn(
         The backbone and the load report (``None`` without ``weights``).
     """
     _check_variant(name)
+    check_model_arguments(name, backbone_kwargs)
     out_indices = tuple(out_indices)
-    body = timm.create_model(name, features_only=True, out_indices=out_indices, **backbone_kwargs)
+    body = create_model(name, features_only=True, out_indices=out_indices, **backbone_kwargs)
     network = body.model
     # Per-stage norms of stages that are not returned would be parameters without gradients
     # (DDP rejects those); drop them.
@@ -115,7 +116,7 @@ def cyclemlp_fpn(
             network.stage_norms[i] = nn.Identity()
     channels = body.feature_info.channels()
     extra_blocks = _extra_blocks(extra, channels[-1], out_channels)
-    report = load_checkpoint(body, weights, strict=False, reset_head=True) if weights else None
+    report = load_checkpoint(body, weights, strict=False, reset_head=True, adapt_in_chans=True) if weights else None
     return PyramidBackbone(body, channels, out_channels, extra_blocks), report
 
 
@@ -156,8 +157,8 @@ def _detector(
             raise ValueError("weights apply to a named CycleMLP backbone, not to a built one")
         body = backbone
     elif backbone.startswith("resnet"):
-        if weights:
-            raise ValueError("weights are loaded into CycleMLP backbones only")
+        if weights or backbone_kwargs:
+            raise ValueError("weights and backbone arguments apply to CycleMLP backbones only")
         body = resnet_fpn(int(backbone[len("resnet"):]), out_indices, extra)
     else:
         body, report = cyclemlp_fpn(backbone, out_indices, extra, weights=weights, **backbone_kwargs)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ...io import atomic_write
+from ...models.factory import backbone_arguments
 from ...training import engine
 from ..run import (
     adamw,
@@ -28,7 +29,7 @@ from ..run import (
     load_run,
     open_run,
     palette,
-    read_images,
+    read_image,
     restore_run,
     save_round,
     shard,
@@ -135,7 +136,7 @@ def evaluate_detector(
 
 def train_detector(
     model_name: str,
-    backbone: str,
+    backbone: str | None,
     train_set: CocoDataset | Dataset,
     val_set: CocoDataset | None,
     out_dir: str | os.PathLike,
@@ -151,7 +152,8 @@ def train_detector(
 
     Args:
         model_name: ``"retinanet"`` or ``"mask_rcnn"``.
-        backbone: a CycleMLP name (or ``"resnet18"``/``"resnet50"``).
+        backbone: a CycleMLP name (or ``"resnet18"``/``"resnet50"``); None: the one ``weights``
+            records, else ``cyclemlp_b1``.
         train_set: a :class:`CocoDataset` built with ``train=True`` (or any dataset of the same
             items, e.g. a ``Subset`` of one; then pass ``categories``).
         val_set: evaluated every ``recipe.eval_interval`` epochs and after the last; the best
@@ -166,6 +168,8 @@ def train_detector(
         The metrics rows of all epochs.
     """
     recipe = recipe or DetectionRecipe()
+    if resume is None:  # the backbone a project checkpoint records, so that its weights fit
+        backbone, backbone_kwargs = backbone_arguments(backbone, backbone_kwargs or {}, weights, "cyclemlp_b1")
     dist = engine.setup_distributed(device)
     categories = list(categories or train_set.categories)
     config = {
@@ -173,7 +177,7 @@ def train_detector(
         "categories": categories, "min_size": recipe.min_size, "max_size": recipe.max_size,
         "backbone_kwargs": dict(backbone_kwargs or {}), "recipe": asdict(recipe),
     }
-    state = open_run(out_dir, resume, config, ("model", "backbone", "num_classes", "categories"))
+    state = open_run(out_dir, resume, config)
     engine.seed_everything(recipe.seed + dist.rank)
     model = build_detector(config, weights=None if state else weights)
     report = getattr(model, "backbone_load_report", None)
@@ -289,16 +293,20 @@ def predict_detections(
     """Run ``model`` on image files, write ``<name>.png`` with drawn detections into ``out_dir``.
 
     Returns one record per image: ``file``, ``output`` (the written PNG) and ``detections`` (boxes
-    x0, y0, x1, y1 with label names and scores at or above the threshold). Unreadable images raise
-    ``ValueError`` naming the file before anything is run.
+    x0, y0, x1, y1 with label names and scores at or above the threshold); an unreadable image
+    gets ``file`` and ``error`` only, and the others are still predicted.
     """
     from PIL import Image
 
-    loaded = [(path, image.float() / 255) for path, image in read_images(images)]
     model.eval().to(device)
     out = Path(out_dir)
     records = []
-    for path, image in loaded:
+    for path in map(Path, images):
+        try:
+            image = read_image(path).float() / 255
+        except ValueError as err:
+            records.append({"file": str(path), "error": str(err)})
+            continue
         output = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
         drawn = draw_detections(image, output, categories, score_threshold)
         target = out / f"{path.stem}.png"

@@ -22,13 +22,16 @@ from torch import nn
 
 from ...models.checkpoint import LoadReport, load_checkpoint
 from ...models.cyclemlp import MODEL_CONFIGS
+from ...models.factory import check_model_arguments
 
 __all__ = ["SEGMENTERS", "semantic_fpn", "upernet", "load_backbone"]
 
 
-def _encoder_name(backbone: str) -> str:
+def _encoder_name(backbone: str, backbone_kwargs: dict[str, Any]) -> str:
+    """smp's name of a CycleMLP encoder (through timm); checks the backbone and its arguments."""
     if backbone not in MODEL_CONFIGS:
         raise ValueError(f"unknown CycleMLP backbone {backbone!r}; known: {', '.join(MODEL_CONFIGS)}")
+    check_model_arguments(backbone, backbone_kwargs)
     return f"tu-{backbone}"
 
 
@@ -37,7 +40,7 @@ def load_backbone(model: nn.Module, weights: str | os.PathLike) -> LoadReport:
     CycleMLP encoder, with :func:`cyclemlp.load_checkpoint` (``strict=False, reset_head=True``);
     it raises when no backbone weight matches. The report is also kept as
     ``model.backbone_load_report``."""
-    report = load_checkpoint(model.encoder.model, weights, strict=False, reset_head=True)
+    report = load_checkpoint(model.encoder.model, weights, strict=False, reset_head=True, adapt_in_chans=True)
     model.backbone_load_report = report
     return report
 
@@ -64,7 +67,7 @@ def semantic_fpn(
     import segmentation_models_pytorch as smp
 
     model = smp.FPN(
-        encoder_name=_encoder_name(backbone), encoder_weights=None, classes=num_classes,
+        encoder_name=_encoder_name(backbone, backbone_kwargs), encoder_weights=None, classes=num_classes,
         decoder_pyramid_channels=pyramid_channels, decoder_segmentation_channels=segmentation_channels,
         decoder_dropout=dropout, **backbone_kwargs,
     )
@@ -88,7 +91,7 @@ def upernet(
     import segmentation_models_pytorch as smp
 
     model = smp.UPerNet(
-        encoder_name=_encoder_name(backbone), encoder_weights=None, classes=num_classes,
+        encoder_name=_encoder_name(backbone, backbone_kwargs), encoder_weights=None, classes=num_classes,
         decoder_channels=channels, **backbone_kwargs,
     )
     model.backbone_load_report = load_backbone(model, weights) if weights else None

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...io import atomic_write
+from ...models.factory import backbone_arguments
 from ...training import engine
 from ..run import (
     adamw,
@@ -35,7 +36,7 @@ from ..run import (
     load_run,
     open_run,
     palette,
-    read_images,
+    read_image,
     restore_run,
     save_round,
     shard,
@@ -56,6 +57,9 @@ __all__ = [
     "predict_segmentation",
     "train_segmenter",
 ]
+
+# The backbone of each head where none is named: the paper's pairings.
+DEFAULT_BACKBONE = {"semantic_fpn": "cyclemlp_b1", "upernet": "cyclemlp_t"}
 
 # The head-specific parts of the recipe (SPEC §6; UperNet follows Swin's setting).
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -247,7 +251,7 @@ class _PassSampler(torch.utils.data.Sampler):
 
 def train_segmenter(
     model_name: str,
-    backbone: str,
+    backbone: str | None,
     train_set: SegmentationDataset,
     val_set: SegmentationDataset | None,
     classes: Sequence[str],
@@ -263,7 +267,7 @@ def train_segmenter(
 
     Args:
         model_name: ``"semantic_fpn"`` or ``"upernet"``.
-        backbone: a CycleMLP name.
+        backbone: a CycleMLP name; None: the one ``weights`` records, else :data:`DEFAULT_BACKBONE`.
         train_set: built with ``transform=train_transform(...)``.
         val_set: evaluated after every round; None: no evaluation.
         classes: class names (``len(classes)`` outputs).
@@ -275,13 +279,16 @@ def train_segmenter(
         The metrics rows of all rounds.
     """
     recipe = (recipe or SegmentationRecipe()).resolved(model_name)
+    if resume is None:  # the backbone a project checkpoint records, so that its weights fit
+        backbone, backbone_kwargs = backbone_arguments(backbone, backbone_kwargs or {}, weights,
+                                                       DEFAULT_BACKBONE[model_name])
     dist = engine.setup_distributed(device)
     config = {
         "task": "segment", "model": model_name, "backbone": backbone, "num_classes": len(classes),
         "classes": list(classes), "reduce_zero_label": bool(getattr(train_set, "reduce_zero_label", False)),
         "backbone_kwargs": dict(backbone_kwargs or {}), "recipe": asdict(recipe),
     }
-    state = open_run(out_dir, resume, config, ("model", "backbone", "num_classes", "classes"))
+    state = open_run(out_dir, resume, config)
     engine.seed_everything(recipe.seed + dist.rank)
     model = build_segmenter(config, weights=None if state else weights)
     if getattr(model, "backbone_load_report", None) is not None:
@@ -369,7 +376,8 @@ def predict_segmentation(
     """Segment image files; writes ``<name>_overlay.png`` (colour-palette overlay) and
     ``<name>_label.png`` (palette PNG of class indices) into ``out_dir``.
 
-    Returns per image the written files and the fraction of pixels per predicted class.
+    Returns per image the written files and the fraction of pixels per predicted class; an
+    unreadable image gets ``file`` and ``error`` only, and the others are still predicted.
     """
     from PIL import Image
     from torchvision.utils import draw_segmentation_masks
@@ -378,11 +386,15 @@ def predict_segmentation(
     classes = config["classes"]
     colours = palette(len(classes))
     flat = [v for c in colours for v in c]
-    loaded = read_images(images)
     model.eval().to(device)
     out = Path(out_dir)
     records = []
-    for path, image in loaded:
+    for path in map(Path, images):
+        try:
+            image = read_image(path)
+        except ValueError as err:
+            records.append({"file": str(path), "error": str(err)})
+            continue
         scores = infer(model, normalize(image).to(device), len(classes), *_inference(recipe))
         pred = scores.argmax(0).cpu()
         masks = torch.stack([pred == c for c in range(len(classes))])
