@@ -1,8 +1,8 @@
 """Kill ``cyclemlp train`` at chosen moments and resume it: the harness of tests/training/test_kill.py.
 
-    python tests/kill_harness.py SPEC.json RESULT.json
+    python tests/kill_harness.py PLAN.json RESULT.json
 
-SPEC holds ``argv`` (the train command's arguments, without ``--output``), ``root`` (a folder),
+PLAN holds ``argv`` (the train command's arguments, without ``--output``), ``root`` (a folder),
 ``scenarios`` (below), and optionally ``write_phases`` (one scenario per file write of the
 reference run and phase) and ``random_delays`` (that many kills at moments drawn uniformly over
 the reference run's duration, seeded by ``seed``). This process imports everything once and then forks one child per run, so a

@@ -45,7 +45,7 @@ def test_forward_backward_non_square(build, name, size):
 def test_encoder_is_the_projects_cyclemlp_with_dense_norms():
     model = semantic_fpn("cyclemlp_b1", num_classes=3)
     assert model.encoder.out_channels[-4:] == [64, 128, 320, 512]
-    assert model.encoder.model.model.stage_norms is not None  # the per-stage LayerNorms of SPEC §2
+    assert model.encoder.model.model.stage_norms is not None  # the per-stage LayerNorms of the dense backbone
 
 
 def test_backbone_weights_loaded_and_reported(tmp_path):

@@ -1,4 +1,4 @@
-"""ADE20K-layout semantic segmentation data and the SPEC §6 training pipeline.
+"""ADE20K-layout semantic segmentation data and the paper's training pipeline (docs/design.md, 6).
 
 Layout: ``root/images/<split>/<name>.<jpg|png>`` with the label map
 ``root/annotations/<split>/<name>.png`` (one channel, class index per pixel, 255 = ignore). With
@@ -205,7 +205,7 @@ class RandomRescale(torch.nn.Module):
 def train_transform(
     crop_size: int, scale: tuple[int, int], ratio_range: tuple[float, float] = (0.5, 2.0)
 ) -> v2.Compose:
-    """The SPEC §6 augmentation: rescale (``scale`` = (long, short) base size, times a ratio in
+    """The paper's augmentation: rescale (``scale`` = (long, short) base size, times a ratio in
     ``ratio_range``), crop, flip, photometric distortion. Brightness is scaled by up to +-32/255
     (torchvision's multiplicative jitter; mmseg adds up to +-32 grey levels)."""
     return v2.Compose([
