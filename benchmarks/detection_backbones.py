@@ -8,18 +8,20 @@ initialisation regime: **random initialisation for all** (no ImageNet weights ca
 here). ResNets keep trainable batch norm (frozen batch norm is only meaningful with pretrained
 statistics).
 
-Each backbone's run lives in ``OUTPUT/<backbone>/`` (the usual ``cyclemlp detect`` run folder);
-an interrupted benchmark continues where it stopped (runs are resumed, finished ones skipped).
-Results: ``OUTPUT/results.json`` and a Markdown table ``OUTPUT/results.md`` stating the budget.
+The defaults are the committed table's budget (the Fashion-MNIST canvases, 400 training images,
+3 epochs at 160 px, one CPU process). Each backbone's run lives in ``OUTPUT/<backbone>/`` (the
+usual ``cyclemlp detect`` run folder, git-ignored); an interrupted benchmark continues where it
+stopped (runs are resumed, finished ones skipped). Results: ``OUTPUT/results.json`` and a Markdown
+table ``OUTPUT/results.md`` stating the budget, the machine and the command.
 
-    python benchmarks/detection_backbones.py --output runs/bench-detection --epochs 4 --min-size 320
+    python -m benchmarks.detection_backbones                      # benchmarks/results/detection_backbones
+    python -m benchmarks.detection_backbones --dataset trees --epochs 4 --min-size 320 --max-size 533 --output /tmp/d
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from cyclemlp.dense.detection import retinanet
 from cyclemlp.dense.detection.data import CocoDataset
 from cyclemlp.dense.detection.train import DetectionRecipe, evaluate_detector, load_detector, train_detector
 from cyclemlp.io import atomic_write
+from cyclemlp.tools.environment import command_line, machine
 
 
 def _params(module: torch.nn.Module) -> float:
@@ -153,8 +156,8 @@ def table(results: list[dict], args: argparse.Namespace, speed: dict | None) -> 
         f"AdamW lr {args.lr} wd 1e-4, {args.warmup_iters} warm-up iterations, lr x0.1 after epochs "
         f"{list(args.milestones)}, images resized to short side {args.min_size} (long side at most "
         f"{args.max_size}), horizontal flips, seed {args.seed}; one process on {torch.get_num_threads()} CPU "
-        f"threads ({platform.machine()}) shared with other work, so times are indicative only. AP: COCO box "
-        "AP (pycocotools) of the final weights."
+        f"thread(s), {machine()}, torch {torch.__version__}; times on a shared machine are indicative only. AP: "
+        "COCO box AP (pycocotools) of the final weights."
     )
     text = "\n".join(lines) + "\n\n" + budget + "\n"
     if speed:
@@ -168,26 +171,27 @@ def table(results: list[dict], args: argparse.Namespace, speed: dict | None) -> 
         for name, t in speed.items():
             text += (f"| {name} | {t['train']:.3f} | {t['train'] / base_speed['train']:.2f} | {t['infer']:.3f} | "
                      f"{t['infer'] / base_speed['infer']:.2f} |\n")
-    return text
+    return text + f"\nWritten by `{command_line()}`.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="runs/bench-detection")
+    parser.add_argument("--output", default="benchmarks/results/detection_backbones")
     parser.add_argument("--backbones", nargs="+", default=["cyclemlp_b1", "resnet50", "resnet18"])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--warmup-iters", type=int, default=50)
-    parser.add_argument("--milestones", type=int, nargs="*", default=[3])
-    parser.add_argument("--min-size", type=int, default=320)
-    parser.add_argument("--max-size", type=int, default=533)
+    parser.add_argument("--warmup-iters", type=int, default=100)
+    parser.add_argument("--milestones", type=int, nargs="*", default=[2])
+    parser.add_argument("--min-size", type=int, default=160)
+    parser.add_argument("--max-size", type=int, default=160)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--dataset", choices=sorted(DETECTION_DATASETS), default="trees")
-    parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
+    parser.add_argument("--dataset", choices=sorted(DETECTION_DATASETS), default="fashion")
+    parser.add_argument("--train-subset", type=int, default=400, help="train on the first N training images only "
+                        "(0: all)")
     parser.add_argument("--speed-rounds", type=int, default=10,
                         help="timed rounds of the step-time comparison (0: skip)")
     parser.add_argument("--speed-warmup", type=int, default=2)

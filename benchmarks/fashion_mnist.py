@@ -33,7 +33,6 @@ import io
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import cyclemlp  # noqa: F401  (registers CycleMLP with timm)
 from cyclemlp.cli._args import parse_kwargs
 from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice, malloc_in_force
 from cyclemlp.io import atomic_write
+from cyclemlp.tools.environment import machine
 from cyclemlp.tools.flops import count_cost
 from cyclemlp.training.config import FASHION_MNIST, TrainConfig
 from cyclemlp.training.record import RECORD
@@ -125,7 +125,9 @@ def plan(entry: Entry, args: argparse.Namespace) -> dict[str, Any]:
 
 def config_for(entry: Entry, run_plan: dict[str, Any], out: Path, args: argparse.Namespace) -> TrainConfig:
     """The training run of ``entry``: the recipe, the table's conditions and ``--set``, its plan."""
-    warmup = min(FASHION_MNIST["warmup_epochs"] * TRAIN_IMAGES / run_plan["samples_per_epoch"], 0.2 * run_plan["epochs"])
+    # the recipe's warm-up (0.3 passes over the data), in rounds, at most a fifth of the schedule
+    warmup = min(FASHION_MNIST["warmup_epochs"] * TRAIN_IMAGES / run_plan["samples_per_epoch"],
+                 0.2 * run_plan["epochs"])
     return TrainConfig.from_recipe(
         "fashion-mnist", model=entry.model, model_kwargs=dict(entry.kwargs), **{**CONDITIONS, **args.set},
         epochs=run_plan["epochs"], samples_per_epoch=run_plan["samples_per_epoch"], warmup_epochs=round(warmup, 3),
@@ -212,18 +214,6 @@ def write_tables(rows: list[dict[str, Any]], conditions: dict[str, Any], out: Pa
         f"Written by `{conditions['command']}`.",
     ]
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(lines + notes) + "\n"))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

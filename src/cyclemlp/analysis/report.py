@@ -13,11 +13,15 @@ from ..io import atomic_write
 __all__ = ["save_figure", "write_rows"]
 
 
-def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
+def write_rows(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, meta: Mapping[str, Any] | None = None
+) -> Path:
     """Write a list of flat records as CSV (``.csv``) or JSON (any other suffix).
 
     JSON files hold ``{"meta": meta, "rows": rows}`` so that the settings of a run travel with its
-    numbers; CSV files hold the rows only (columns in first-seen order).
+    numbers, ``meta`` completed with where it was measured (machine, threads, versions, date and
+    the command: :func:`cyclemlp.tools.environment.environment`); CSV files hold the rows only
+    (columns in first-seen order).
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -31,7 +35,10 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, meta:
                 writer.writeheader()
                 writer.writerows(rows)
     else:
-        text = json.dumps({"meta": dict(meta or {}), "rows": list(rows)}, indent=2, default=str)
+        from ..tools.environment import environment
+
+        meta = {**dict(meta or {}), "environment": environment()}
+        text = json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str)
 
         def write(tmp: str) -> None:
             Path(tmp).write_text(text + "\n")
