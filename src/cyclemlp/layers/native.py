@@ -17,6 +17,7 @@ reason. ``CYCLEMLP_NATIVE=0`` turns the native kernel off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -30,8 +31,13 @@ __all__ = ["ENV_VAR", "available", "build_error", "shift"]
 
 ENV_VAR = "CYCLEMLP_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "shift.cpp"
-# one build per torch version: an extension compiled against another libtorch may not load
-_EXTENSION = "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__)
+# One build per torch version (an extension compiled against another libtorch may not load) and
+# per source file: PyTorch's extension cache keys builds by name, and a build whose source path
+# changed is compiled again, so two checkouts sharing one name would rebuild each other's.
+_EXTENSION = "_".join([
+    "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__),
+    hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8],
+])
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}
