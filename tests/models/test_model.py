@@ -6,7 +6,7 @@ import torch
 from deform_reference import deform_model
 
 import cyclemlp
-from cyclemlp import MODEL_CONFIGS, CycleMLP, count_cost
+from cyclemlp import BRANCHES, MODEL_CONFIGS, CycleMixer, CycleMLP, count_cost
 
 # SPEC §2 (B1-B5, authors' table and fvcore count) and §3 (T/S/B, derived).
 EXPECTED = {
@@ -208,26 +208,136 @@ def test_fx_trace_whole_model():
     torch.testing.assert_close(graph(x), model(x))
 
 
+def _set_fused(model: torch.nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = fused
+
+
+def _outputs_and_grads(model, x, grad):
+    x = x.clone().requires_grad_()
+    model.zero_grad()
+    out = model(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
 @pytest.mark.parametrize("fold_max_dim", [0, 10**6])
 @pytest.mark.parametrize("size", [(5, 7), (9, 8)])  # backward per branch (35 positions) / per image (72)
-def test_fast_mixer_gradients_match_plain(fold_max_dim, size):
-    from cyclemlp.models.cyclemlp import CycleMixer
+@pytest.mark.parametrize("branches", [BRANCHES, ("width", "channel")])
+def test_fused_mixer_matches_readable(fold_max_dim, size, branches, monkeypatch):
+    """The fused token mixer computes the readable one's output and gradients, by either forward
+    (per-image folded weights or per-branch products) and either backward strategy."""
+    from cyclemlp.layers import kernels
 
-    mixer = CycleMixer(24, stepsize=3)
-    mixer.fold_max_dim = fold_max_dim
+    monkeypatch.setattr(kernels, "_FOLD_MAX_DIM", fold_max_dim)
+    mixer = CycleMixer(24, stepsize=3, branches=branches)
     with torch.no_grad():  # non-trivial biases everywhere
         for p in mixer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    x = torch.randn(3, *size, 24, requires_grad=True)
-    g = torch.randn(3, *size, 24)
-    mixer(x).backward(g)
-    fast = [x.grad.clone()] + [p.grad.clone() for p in mixer.parameters()]
-    x.grad = None
-    mixer.zero_grad()
-    mixer.forward_plain(x).backward(g)
-    plain = [x.grad] + [p.grad for p in mixer.parameters()]
-    for a, b in zip(fast, plain):
+    x, grad = torch.randn(3, *size, 24), torch.randn(3, *size, 24)
+    assert mixer.fused
+    fused = _outputs_and_grads(mixer, x, grad)
+    mixer.fused = False
+    readable = _outputs_and_grads(mixer, x, grad)
+    for a, b in zip(fused, readable):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.cycle_mixer(mixer, x), mixer(x), atol=1e-5, rtol=1e-4)
+
+
+def _small_model(**kwargs) -> CycleMLP:
+    return CycleMLP(depths=(1, 1, 1, 1), dims=(16, 32, 48, 160), num_classes=5, drop_path_rate=0.0, **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float32-chunked", "bfloat16"])
+def test_fused_network_matches_readable(precision, monkeypatch):
+    """Whole networks, fused against readable: inference (oneDNN kernels with the residual adds
+    inside, in float32) and a training step (custom backward passes). ``float32-chunked``: every
+    MLP runs in row chunks of 64 rows, the last one ragged. ``bfloat16``: bfloat16 weights for
+    inference and bfloat16 autocast for training, equal to bfloat16 precision."""
+    from cyclemlp.layers import kernels
+
+    if precision == "float32-chunked":
+        monkeypatch.setattr(kernels, "_MLP_WHOLE_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(kernels, "_MLP_CHUNK_ELEMENTS", 64 * 64)
+    low = precision == "bfloat16"
+    dtype = torch.bfloat16 if low else torch.float32
+    model = _small_model()
+    x, grad = torch.randn(2, 3, 52, 44), torch.randn(2, 5)
+    results = {}
+    for fused in (True, False):
+        _set_fused(model, fused)
+        with torch.no_grad():
+            inference = model.to(dtype).eval()(x.to(dtype)).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            results[fused] = [inference] + _outputs_and_grads(model.float().train(), x, grad)
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a.float(), b.float(), **(dict(atol=0.05, rtol=0.05) if low else
+                                                            dict(atol=1e-5, rtol=1e-4)))
+
+
+def test_hooks_and_graph_modes_get_the_readable_forward():
+    """A hook on a module that the fused kernels would skip makes the block and mixer run their
+    readable forward, so the hook fires; tracing and dispatch modes get the readable forward too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cyclemlp.layers import fused_applies
+
+    model = _small_model().eval()
+    block = model.stages[0].blocks[0]
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+    handle = block.mixer.width_fc.register_forward_hook(lambda *args: seen.append(True))
+    feature = torch.randn(1, 8, 8, 16)
+    assert not fused_applies(block, feature) and not fused_applies(block.mixer, feature)
+    assert fused_applies(block.mixer.width_fc, feature)  # its own hooks fire around its forward
+    with torch.no_grad():
+        model(x)
+    assert seen == [True]
+    handle.remove()
+    assert fused_applies(block, feature)
+    with FlopCounterMode(display=False):
+        assert not fused_applies(block, feature)
+    traced = []
+    block.register_forward_pre_hook(lambda module, args: traced.append(fused_applies(module, args[0])))
+    torch.jit.trace(block, feature, check_trace=False)
+    assert traced == [False]
+
+
+def test_fused_switch(monkeypatch):
+    """``set_fused`` and ``CYCLEMLP_FUSED`` set the default of the modules built afterwards."""
+    import subprocess
+    import sys
+
+    from train_utils import cli_env
+
+    from cyclemlp.layers import set_fused, use_fused
+
+    assert use_fused()
+    monkeypatch.setattr("cyclemlp.layers.config._USE_FUSED", True)
+    set_fused(False)
+    assert not any(getattr(m, "fused", False) for m in _small_model().modules())
+    set_fused(True)
+    fused = [m.fused for m in _small_model().modules() if hasattr(m, "fused")]
+    assert len(fused) == 4 * 4 and all(fused)  # per block: the block, its mixer, two Cycle FCs
+    code = "import cyclemlp.layers as layers; print(layers.use_fused())"
+    for value, expected in (("0", "False"), ("off", "False"), ("1", "True")):
+        env = dict(cli_env(), CYCLEMLP_FUSED=value)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected
+
+
+def test_torchscript_and_meta_device():
+    model = timm.create_model("cyclemlp_t", num_classes=3).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
+    meta = timm.create_model("cyclemlp_b1", device="meta", dtype=torch.bfloat16)
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    assert meta.head.weight.dtype == torch.bfloat16
+    assert meta(torch.empty(1, 3, 64, 64, device="meta", dtype=torch.bfloat16)).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, False), (False, True, False, True),
@@ -283,60 +393,41 @@ def test_autocast_training_step():
 def test_chunked_mlp_matches_plain(monkeypatch, bias):
     """The row-chunked MLP (ragged last chunk) gives the plain MLP's output and gradients, also
     when only some inputs want gradients, and its oneDNN inference form the same output."""
-    from cyclemlp.layers import kernels as functional
+    from timm.layers import Mlp
 
-    monkeypatch.setattr(functional, "_MLP_WHOLE_MAX_ELEMENTS", 0)  # chunk even tiny layers
-    monkeypatch.setattr(functional, "_MLP_CHUNK_ELEMENTS", 48 * 64)  # 64 rows per chunk, 70 rows
-    torch.manual_seed(0)
-    fc1, fc2 = torch.nn.Linear(12, 48, bias=bias).double(), torch.nn.Linear(48, 12, bias=bias).double()
+    from cyclemlp.layers import kernels
+
+    monkeypatch.setattr(kernels, "_MLP_WHOLE_MAX_ELEMENTS", 0)  # chunk even tiny layers
+    monkeypatch.setattr(kernels, "_MLP_CHUNK_ELEMENTS", 48 * 64)  # 64 rows per chunk, 70 rows
+    mlp = Mlp(12, 48, bias=bias).double()
     x = torch.randn(2, 5, 7, 12, dtype=torch.float64)
     residual = torch.randn_like(x)
     grad = torch.randn_like(x)
-    assert functional.mlp_chunk_rows(70, 48) == 64 and functional.chunked_mlp_applies(x, 48)
+    assert kernels._mlp_chunk_rows(70, 48) == 64
     for wants_x, wants_params in ((True, True), (True, False), (False, True)):
-        for p in (*fc1.parameters(), *fc2.parameters()):
-            p.requires_grad_(wants_params)
-            p.grad = None
+        mlp.requires_grad_(wants_params)
         results = []
         for chunked in (True, False):
+            mlp.zero_grad()
             xg = x.clone().requires_grad_(wants_x)
-            out = (functional.channel_mlp(xg, fc1, fc2, residual=residual) if chunked
-                   else residual + fc2(torch.nn.functional.gelu(fc1(xg))))
+            out = kernels._channel_mlp(mlp, xg, residual) if chunked else residual + mlp(xg)
             out.backward(grad)
-            params = [p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())] if wants_params else []
+            params = [p.grad.clone() for p in mlp.parameters()] if wants_params else []
             results.append([out.detach()] + ([xg.grad] if wants_x else []) + params)
-            for p in (*fc1.parameters(), *fc2.parameters()):
-                p.grad = None
         for a, b in zip(*results):
             torch.testing.assert_close(a, b)
-    fc1, fc2, x, residual = fc1.float(), fc2.float(), x.float(), residual.float()
+    mlp, x, residual = mlp.float(), x.float(), residual.float()
     with torch.no_grad():
-        plain = residual + fc2(torch.nn.functional.gelu(fc1(x)))
-        assert functional.use_onednn(x)
-        fused = functional.channel_mlp(x, fc1, fc2, residual=residual, onednn=True)
-    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+        fused = kernels._channel_mlp(mlp, x, residual=residual, onednn=kernels._onednn_inference(x))
+        torch.testing.assert_close(fused, residual + mlp(x), atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_mlp_only_for_large_cpu_training():
-    from cyclemlp.layers import kernels as functional
+def test_chunked_mlp_refuses_a_second_derivative():
+    from timm.layers import Mlp
 
-    big = torch.empty(32, 56, 56, 64)
-    assert functional.chunked_mlp_applies(big, 256)
-    assert not functional.chunked_mlp_applies(big[:, :14, :14], 256)  # heap-sized: plain autograd
-    with torch.no_grad():
-        assert not functional.chunked_mlp_applies(big, 256)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not functional.chunked_mlp_applies(big, 256)
-    with pytest.raises(RuntimeError, match="CPU training"):
-        functional.channel_mlp(big[:1, :2, :2], torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    from cyclemlp.layers import kernels
 
-
-def test_chunked_mlp_refuses_a_second_derivative(monkeypatch):
-    from cyclemlp.layers import kernels as functional
-
-    monkeypatch.setattr(functional, "_MLP_WHOLE_MAX_ELEMENTS", 0)
-    fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
     x = torch.randn(2, 3, 3, 8, requires_grad=True)
-    (grad,) = torch.autograd.grad(functional.channel_mlp(x, fc1, fc2).square().sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(kernels._channel_mlp(Mlp(8, 32), x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()

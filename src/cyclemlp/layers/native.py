@@ -1,22 +1,25 @@
 """The native CPU shift of Cycle FC: a small C++ kernel, compiled on first use.
 
 Cycle FC's shift moves every channel by its own offset. No PyTorch operator does that in one pass:
-the eager CPU fallback runs it as a one-hot depthwise convolution, which costs about twice a copy
-once the activation leaves the cache (README, Performance). ``csrc/shift.cpp`` does it at copy
-speed: each output pixel reads the few source pixels its channels' offsets point at and keeps the
-right one per channel, vectorised, in parallel over rows with ATen's thread pool. It moves bits,
-so it equals the copy definition exactly for every dtype.
+the readable form (a gather, :func:`~cyclemlp.layers.cycle_fc.cycle_shift`) reads an index per
+element. ``csrc/shift.cpp`` does it at copy speed: each output pixel reads the few source pixels
+its channels' offsets point at and keeps the right one per channel, vectorised, in parallel over
+rows with ATen's thread pool. It moves bits, so it equals the copy definition exactly for every
+dtype.
 
 The kernel is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``ninja`` comes
 with the package's dependencies) into PyTorch's extension cache the first time a process needs it,
 about 20 s once per source version, then loaded from the cache in well under a second. ``bash
-setup.sh`` builds it ahead. Where it cannot be built the shift
-falls back to the convolution and the copy kernels, with one warning per process naming the
+setup.sh`` builds it ahead. It is registered as the operator ``torch.ops.cyclemlp.shift`` with
+its autograd formula (the adjoint of a shift is the shift by the negated offsets) and a fake
+implementation for shape propagation. Where it cannot be built, Cycle FC shifts with
+:func:`~cyclemlp.layers.cycle_fc.cycle_shift` instead, and one warning per process names the
 reason. ``CYCLEMLP_NATIVE=0`` turns the native kernel off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -30,8 +33,13 @@ __all__ = ["ENV_VAR", "available", "build_error", "shift"]
 
 ENV_VAR = "CYCLEMLP_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "shift.cpp"
-# one build per torch version: an extension compiled against another libtorch may not load
-_EXTENSION = "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__)
+# One build per torch version (an extension compiled against another libtorch may not load) and
+# per source file: PyTorch's extension cache keys builds by name, and a build whose source path
+# changed is compiled again, so two checkouts sharing one name would rebuild each other's.
+_EXTENSION = "_".join([
+    "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__),
+    hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8],
+])
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}
@@ -64,14 +72,25 @@ def _build() -> None:
     finally:
         cpp_log.setLevel(level)
 
-    @torch.library.register_fake("cyclemlp::shift")
-    def _(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape)
+    torch.library.register_fake("cyclemlp::shift", _shift_fake)
+    torch.library.register_autograd("cyclemlp::shift", _shift_backward, setup_context=_shift_setup)
+
+
+def _shift_fake(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _shift_setup(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.offsets = inputs[1]
+
+
+def _shift_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return torch.ops.cyclemlp.shift(grad, -ctx.offsets), None
 
 
 def available() -> bool:
     """Whether ``torch.ops.cyclemlp.shift`` is ready, building or loading it on the first call.
-    Never raises: a failed build warns once and returns False (the fallbacks take over)."""
+    Never raises: a failed build warns once and returns False (the gather takes over)."""
     if _state["tried"]:
         return bool(_state["ok"])
     with _lock:
@@ -85,10 +104,11 @@ def available() -> bool:
                     _build()
                     _state["ok"] = True
                 except Exception as err:  # no compiler, no ninja, read-only cache, ...: fall back
-                    _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                    message = str(err).strip()
+                    _state["error"] = f"{type(err).__name__}: {message.splitlines()[-1] if message else ''}"
                     warnings.warn(
                         f"cyclemlp: the native shift kernel could not be built ({_state['error']}); Cycle FC falls "
-                        f"back to slower PyTorch kernels. It needs a C++ compiler and ninja (pip install ninja); "
+                        f"back to a slower gather. It needs a C++ compiler and ninja (pip install ninja); "
                         f"set {ENV_VAR}=0 to silence this.", RuntimeWarning, stacklevel=2)
             _state["tried"] = True
     return bool(_state["ok"])
@@ -101,8 +121,7 @@ def build_error() -> str | None:
 
 def shift(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``out[b, y, x, c] = x[b, y + offsets[c, 0], x + offsets[c, 1], c]``, zeros outside; ``x`` is
-    (B, H, W, C) on the CPU, ``offsets`` (C, 2) integers. Not differentiable by itself (the caller
-    pairs it with its adjoint, the shift by ``-offsets``)."""
+    (B, H, W, C) on the CPU, ``offsets`` (C, 2) integers. Differentiable."""
     if not available():
         raise RuntimeError(f"the native shift kernel is not available: {build_error()}")
     return torch.ops.cyclemlp.shift(x, offsets)
@@ -122,5 +141,5 @@ def main() -> int:
             return 1
         print("cyclemlp native shift: ready")
         return 0
-    print(f"cyclemlp native shift: not available ({build_error()}); the PyTorch fallbacks are used")
+    print(f"cyclemlp native shift: not available ({build_error()}); Cycle FC shifts with a gather")
     return 0 if not enabled() else 1

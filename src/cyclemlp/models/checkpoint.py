@@ -15,13 +15,13 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..io import CheckpointError, CheckpointMismatchError, read_checkpoint
-from ..layers.cycle_fc import CycleFC, _offsets
+from ..layers.cycle_fc import CycleFC, cycle_offsets, offset_table
 
 __all__ = [
     "LoadReport",
@@ -111,17 +111,20 @@ def _is_authors_layout(keys: list[str]) -> bool:
     return any(k.startswith(("network.", "patch_embed.", "layers.")) for k in keys)
 
 
-def describe_offsets(table: tuple[tuple[int, int], ...]) -> str:
-    """Name the stepsize/pattern that produces an offset table, or describe it."""
+def describe_offsets(offsets: torch.Tensor | Sequence[Sequence[int]]) -> str:
+    """Name the stepsize/pattern that produces ``(C, 2)`` offsets, or describe them."""
+    if isinstance(offsets, torch.Tensor):
+        offsets = offsets.tolist()
+    table = [(int(dy), int(dx)) for dy, dx in offsets]
     channels = len(table)
     reach = max(max(abs(dy), abs(dx)) for dy, dx in table)
     for k in range(1, 2 * reach + 2):
         for step in ((1, k), (k, 1)):
-            if _offsets(channels, step, "official") == table:
+            if offset_table(channels, step, "official") == table:
                 return f"stepsize {step}, pattern 'official'"
     for sh in range(1, 2 * reach + 2):
         for sw in range(1, 2 * reach + 2):
-            if _offsets(channels, (sh, sw), "paper") == table:
+            if offset_table(channels, (sh, sw), "paper") == table:
                 return f"stepsize {(sh, sw)}, pattern 'paper'"
     dys = sorted({dy for dy, _ in table})
     dxs = sorted({dx for _, dx in table})
@@ -138,10 +141,9 @@ def _check_offsets(key: str, tensor: torch.Tensor, module: nn.Module | None) -> 
     pairs = tensor.reshape(-1, 2)
     if not torch.equal(pairs, pairs.round()):
         raise CheckpointMismatchError(f"{key}: offsets are not integers")
-    table = tuple((int(dy), int(dx)) for dy, dx in pairs.tolist())
-    if table != module.offset_table:
+    if not torch.equal(pairs.long().cpu(), cycle_offsets(module.in_features, module.stepsize, module.pattern)):
         raise CheckpointMismatchError(
-            f"{key}: the file was trained with {describe_offsets(table)}, but the model uses "
+            f"{key}: the file was trained with {describe_offsets(pairs)}, but the model uses "
             f"stepsize {module.stepsize}, pattern {module.pattern!r}; build the model with the "
             "file's stepsize and pattern"
         )

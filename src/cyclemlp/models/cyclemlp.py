@@ -14,46 +14,32 @@ mixer runs three parallel branches — Cycle FC along the width (stepsize 1xK), 
 height (Kx1) and a plain channel FC — and merges them with per-channel softmax weights computed
 from their global mean ("split attention"), followed by a projection.
 
-Feature maps are channels-last ``(B, H, W, C)`` inside the network.
+Feature maps are channels-last ``(B, H, W, C)`` inside the network. The mixer and the block run
+fused kernels (:mod:`cyclemlp.layers.kernels`) unless their ``fused`` attribute is off; the
+forward passes below state the function they compute (:mod:`cyclemlp.layers.config`).
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from ..layers.cycle_fc import CycleFC, Pattern, eager_shift, normalize_stepsize, shift_stack
-from ..layers.kernels import (
-    channel_mlp,
-    chunked_mlp_applies,
-    eager_mixing,
-    gelu_linear,
-    linear,
-    mix_branches,
-    mix_parts,
-    use_onednn,
-)
+from ..layers.config import fused_applies, use_fused
+from ..layers.cycle_fc import CycleFC, Pattern, normalize_stepsize
+from ..layers.kernels import cycle_block, cycle_mixer
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
 
 BRANCHES: tuple[str, ...] = ("width", "height", "channel")
-
-# Leaves for torch.fx symbolic tracing (their bodies look at concrete shapes).
-for _leaf in ("shift_stack", "mix_branches", "gelu_linear"):
-    torch.fx.wrap(_leaf)
-    register_notrace_function(globals()[_leaf])
 
 
 @dataclass(frozen=True)
@@ -100,36 +86,20 @@ def branch_stepsizes(stepsize: int | Sequence[int]) -> tuple[tuple[int, int], tu
     return (sh, sw), (sw, sh)
 
 
-class ChannelMlp(nn.Module):
-    """Linear -> exact GELU -> Linear over the last dimension (timm's ``Mlp`` parameter names)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
-    ) -> torch.Tensor:
-        if onednn or chunked_mlp_applies(x, self.fc1.out_features):  # CPU: in row chunks
-            return channel_mlp(x, self.fc1, self.fc2, residual=residual, onednn=onednn)
-        out = gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
-        return out if residual is None else residual + out
-
-
 class CycleMixer(nn.Module):
     """CycleMLP token mixer (called ``attn`` in the authors' code).
 
-    ``h = CycleFC_(1,K)(x)``, ``w = CycleFC_(K,1)(x)``, ``c = Linear(x)``; per-channel weights
-    ``a = softmax over branches of reweight(mean_HW(h + w + c))``; ``out = proj(a_h*h + a_w*w + a_c*c)``.
-    ``branches`` selects a subset of the three branches (for ablations).
+    Three parallel branches -- Cycle FC along the width (stepsize 1xK), Cycle FC along the height
+    (Kx1) and a plain channel FC -- merged with per-channel softmax weights computed from their
+    global mean ("split attention"), then a projection::
 
-    The forward computes exactly that, arranged for speed. The branches' shifted inputs are
-    ``X = [shift_w(x), shift_h(x), x]`` (eagerly: two shifts by the native CPU kernel, or its
-    fallbacks, and ``x`` itself; in graph mode one gather builds them side by side, (B, HW, 3C)). Every branch
-    is linear, so ``mean_HW(h + w + c)`` is ``mean_HW(X) @ [W_h | W_w | W_c]^T`` plus biases, and
-    the softmax-weighted sum of the branch outputs is a batched matrix product of ``X`` with
-    per-image weights ``a_k[o] * W_k[o, i]`` — no branch output is ever materialised.
+        h, w, c = width_fc(x), height_fc(x), channel_fc(x)
+        a = softmax over branches of reweight(mean_HW(h + w + c))
+        out = proj(a_h * h + a_w * w + a_c * c)
+
+    ``branches`` selects a subset of the three branches (for ablations). With ``fused`` set
+    (default :func:`~cyclemlp.layers.config.use_fused`) the forward runs
+    :func:`cyclemlp.layers.kernels.cycle_mixer`, the same function without the branch outputs.
     """
 
     def __init__(
@@ -138,79 +108,51 @@ class CycleMixer(nn.Module):
         stepsize: int | Sequence[int] = 3,
         pattern: Pattern = "official",
         branches: Sequence[str] = BRANCHES,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         branches = tuple(branches)
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches or len(set(branches)) != len(branches):
             raise ValueError(f"branches must be a non-empty subset of {BRANCHES}; got {branches}")
         self.dim = dim
         self.branches = branches
+        self.fused = use_fused()
         width_step, height_step = branch_stepsizes(stepsize)
-        self.width_fc = CycleFC(dim, dim, width_step, pattern) if "width" in branches else None
-        self.height_fc = CycleFC(dim, dim, height_step, pattern) if "height" in branches else None
-        self.channel_fc = nn.Linear(dim, dim, bias=False) if "channel" in branches else None
-        self.reweight = Mlp(dim, dim // 4, dim * len(branches))
-        self.proj = nn.Linear(dim, dim)
-        self.fold_max_dim = 128
-        no_shift = ((0, 0),) * dim
-        self.offset_tables = tuple(
-            fc.offset_table if isinstance(fc, CycleFC) else no_shift for fc in self._branch_layers()
-        )
+        self.width_fc = CycleFC(dim, dim, width_step, pattern, **dd) if "width" in branches else None
+        self.height_fc = CycleFC(dim, dim, height_step, pattern, **dd) if "height" in branches else None
+        self.channel_fc = nn.Linear(dim, dim, bias=False, **dd) if "channel" in branches else None
+        self.reweight = Mlp(dim, dim // 4, dim * len(branches), **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
 
-    def _branch_layers(self) -> list[nn.Module]:
-        return [fc for fc in (self.width_fc, self.height_fc, self.channel_fc) if fc is not None]
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
-    ) -> torch.Tensor:
-        """Mix ``x`` (B, H, W, C); ``residual`` is added to the output (fused when ``onednn``)."""
-        batch, height, width, dim = x.shape
-        layers = self._branch_layers()
-        n = len(layers)
-        weight = torch.cat([fc.weight for fc in layers], dim=1)  # (C, n*C)
-        bias = torch.stack(
-            [fc.bias if fc.bias is not None else torch.zeros_like(fc.weight[:, 0]) for fc in layers], dim=1
-        )  # (C, n)
-        # small dims: per-image folded weights; large dims (where per-image weights would outweigh
-        # the activations): n products and a weighted sum
-        fold = self.dim <= self.fold_max_dim
-        eager = eager_mixing()
-        if eager:
-            # the shifted inputs of the branches as separate tensors (a shift is one pass of the
-            # native kernel on CPU, the unshifted branch reads x itself)
-            parts = [eager_shift(x, table).reshape(batch, height * width, dim) for table in self.offset_tables]
-            means = torch.cat([part.mean(dim=1) for part in parts], dim=1)
-        else:
-            # graph mode (export, compile, tracing): one gather builds them side by side
-            stacked = shift_stack(x, self.offset_tables).reshape(batch, height * width, n * dim)
-            means = stacked.mean(dim=1)
-        # mean over positions of the summed branch outputs, without computing them
-        pooled = F.linear(means, weight, bias.sum(dim=1))
-        # reweight's output index is channel * n + branch
-        # softmax over the n branches, taken across the (B, n, C) view: torch's softmax over a
-        # last dimension of size 3 is an order of magnitude slower than over a middle one
-        a = self.reweight(pooled).reshape(batch, dim, n).transpose(1, 2).softmax(dim=1).transpose(1, 2)  # (B, C, n)
-        if eager:
-            out = mix_parts(parts, x, self.offset_tables, a, weight, bias, fold, onednn)
-        else:
-            out = mix_branches(stacked, a, weight, bias, fold)
-        return linear(out.view(batch, height, width, dim), self.proj, residual=residual, onednn=onednn)
-
-    def forward_plain(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
-    ) -> torch.Tensor:
-        """The same function written as the paper states it (branch outputs materialised, plain
-        ops whatever ``onednn`` says). Slower; the FLOP counter uses it because the authors'
-        convention counts each branch as its own layer."""
-        outs = [fc(x) for fc in self._branch_layers()]
-        a = sum(outs).mean(dim=(1, 2))
-        a = self.reweight(a).reshape(x.shape[0], 1, 1, self.dim, len(outs)).softmax(dim=-1)
-        return linear(sum(out * a[..., k] for k, out in enumerate(outs)), self.proj, residual=residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not torch.jit.is_scripting():
+            if fused_applies(self, x):
+                return cycle_mixer(self, x)
+        batch, dim = x.shape[0], x.shape[-1]
+        # h = width_fc(x), w = height_fc(x), c = channel_fc(x), as far as this mixer has them
+        outs: list[torch.Tensor] = []
+        if self.width_fc is not None:
+            outs.append(self.width_fc(x))
+        if self.height_fc is not None:
+            outs.append(self.height_fc(x))
+        if self.channel_fc is not None:
+            outs.append(self.channel_fc(x))
+        branches = torch.stack(outs, dim=-1)  # (B, H, W, C, n)
+        # a = softmax over branches of reweight(mean_HW(h + w + c)); reweight's output index is channel * n + branch
+        a = self.reweight(branches.sum(dim=-1).mean(dim=(1, 2))).reshape(batch, 1, 1, dim, -1).softmax(dim=-1)
+        return self.proj((a * branches).sum(dim=-1))  # proj(a_h * h + a_w * w + a_c * c)
 
 
 class CycleBlock(nn.Module):
-    """Pre-norm CycleMLP block: token mixer then channel MLP, each residual with drop path."""
+    """Pre-norm CycleMLP block: token mixer then channel MLP, each residual with drop path.
+
+    With ``fused`` set (default :func:`~cyclemlp.layers.config.use_fused`) the forward runs
+    :func:`cyclemlp.layers.kernels.cycle_block`, the same function with the mixer's and the MLP's
+    fused kernels.
+    """
 
     def __init__(
         self,
@@ -220,19 +162,22 @@ class CycleBlock(nn.Module):
         pattern: Pattern = "official",
         branches: Sequence[str] = BRANCHES,
         drop_path: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.mixer = CycleMixer(dim, stepsize, pattern, branches)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio))
+        dd = {"device": device, "dtype": dtype}
+        self.fused = use_fused()
+        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.mixer = CycleMixer(dim, stepsize, pattern, branches, **dd)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and use_onednn(x):
-            # inference: the residual adds ride on the last Linear of each branch
-            x = self.mixer(self.norm1(x), residual=x, onednn=True)
-            return self.mlp(self.norm2(x), residual=x, onednn=True)
+        if self.fused and not torch.jit.is_scripting():
+            if fused_applies(self, x):
+                return cycle_block(self, x)
         x = x + self.drop_path(self.mixer(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -245,12 +190,13 @@ class ConvEmbed(nn.Module):
 
     def __init__(
         self, in_chans: int, dim: int, kernel: int, stride: int, padding: int, norm: bool = False,
-        channels_last_input: bool = True,
+        channels_last_input: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.channels_last_input = channels_last_input
-        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
-        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding, **dd)
+        self.norm = nn.LayerNorm(dim, **dd) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last_input:
@@ -274,16 +220,19 @@ class CycleStage(nn.Module):
         pattern: Pattern,
         branches: Sequence[str],
         drop_path: Sequence[float],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if downsample == "conv":
-            self.downsample: nn.Module = ConvEmbed(in_dim, dim, 3, 2, 1)
+            self.downsample: nn.Module = ConvEmbed(in_dim, dim, 3, 2, 1, **dd)
         elif downsample == "merge":
-            self.downsample = PatchMerging(in_dim, dim)
+            self.downsample = PatchMerging(in_dim, dim, **dd)
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(
-            *[CycleBlock(dim, mlp_ratio, stepsize, pattern, branches, drop_path[j]) for j in range(depth)]
+            *[CycleBlock(dim, mlp_ratio, stepsize, pattern, branches, drop_path[j], **dd) for j in range(depth)]
         )
         self.grad_checkpointing = False
 
@@ -295,17 +244,17 @@ class CycleStage(nn.Module):
 
 
 def _check_image(x: torch.Tensor, in_chans: int, min_size: int) -> None:
-    if torch.jit.is_tracing():
-        return  # a traced graph keeps no Python checks
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(
-            f"CycleMLP expects images of shape (B, {in_chans}, H, W); got {tuple(x.shape)}"
-        )
-    if not torch.compiler.is_compiling() and min(x.shape[2], x.shape[3]) < min_size:
-        raise ValueError(
-            f"CycleMLP needs images of at least {min_size}x{min_size} pixels; got "
-            f"{x.shape[2]}x{x.shape[3]}"
-        )
+    # scripted and traced graphs keep no Python checks
+    if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(
+                f"CycleMLP expects images of shape (B, {in_chans}, H, W); got {tuple(x.shape)}"
+            )
+        if not torch.compiler.is_compiling() and min(x.shape[2], x.shape[3]) < min_size:
+            raise ValueError(
+                f"CycleMLP needs images of at least {min_size}x{min_size} pixels; got "
+                f"{x.shape[2]}x{x.shape[3]}"
+            )
 
 
 torch.fx.wrap("_check_image")
@@ -353,8 +302,11 @@ class CycleMLP(nn.Module):
         drop_path_rate: float = 0.1,
         dense_norms: bool = False,
         stem_stride: int = 4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         depths, dims, mlp_ratios = tuple(depths), tuple(dims), tuple(mlp_ratios)
         if not (len(depths) == len(dims) == len(mlp_ratios)) or not depths:
             raise ValueError(
@@ -378,20 +330,20 @@ class CycleMLP(nn.Module):
 
         if layout == "pvt":
             padding = 2 if stem_stride == 4 else 3  # 7x7: the paper's padding 2 at stride 4, else "same"
-            self.stem = ConvEmbed(in_chans, dims[0], 7, stem_stride, padding, channels_last_input=False)
+            self.stem = ConvEmbed(in_chans, dims[0], 7, stem_stride, padding, channels_last_input=False, **dd)
         else:
             self.stem = ConvEmbed(
                 in_chans, dims[0], 4 if stem_stride == 4 else stem_stride, stem_stride, 0, norm=True,
-                channels_last_input=False,
+                channels_last_input=False, **dd,
             )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, first = [], 0
         for i, depth in enumerate(depths):
             downsample = None if i == 0 else ("conv" if layout == "pvt" else "merge")
             stages.append(
                 CycleStage(
                     dims[i - 1] if i else dims[0], dims[i], depth, downsample, mlp_ratios[i],
-                    stepsize, pattern, branches, rates[first:first + depth],
+                    stepsize, pattern, branches, rates[first:first + depth], **dd,
                 )
             )
             first += depth
@@ -399,10 +351,10 @@ class CycleMLP(nn.Module):
         self.feature_info = [
             dict(num_chs=dims[i], reduction=stem_stride * 2**i, module=f"stages.{i}") for i in range(len(dims))
         ]
-        self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims) if dense_norms else None
-        self.norm = nn.LayerNorm(dims[-1])
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(d, **dd) for d in dims) if dense_norms else None
+        self.norm = nn.LayerNorm(dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -443,7 +395,9 @@ class CycleMLP(nn.Module):
                 raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
         if num_classes > 0:
             self._init_weights(self.head)
 
@@ -560,16 +514,49 @@ def create(variant: str, pretrained: bool = False, **kwargs: Any) -> CycleMLP:
     )
 
 
-def _register(name: str) -> None:
-    def builder(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
-        return create(name, pretrained=pretrained, **kwargs)
-
-    builder.__name__ = name
-    builder.__qualname__ = name
-    builder.__doc__ = f"CycleMLP {name.split('_')[1].upper()} ({MODEL_CONFIGS[name]})."
-    builder.__module__ = __name__
-    globals()[name] = register_model(builder)
+@register_model
+def cyclemlp_b1(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-B1: 15.2M parameters, 2.1 GMACs at 224x224."""
+    return create("cyclemlp_b1", pretrained, **kwargs)
 
 
-for _name in MODEL_CONFIGS:
-    _register(_name)
+@register_model
+def cyclemlp_b2(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-B2: 26.8M parameters, 3.9 GMACs at 224x224."""
+    return create("cyclemlp_b2", pretrained, **kwargs)
+
+
+@register_model
+def cyclemlp_b3(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-B3: 38.4M parameters, 6.9 GMACs at 224x224."""
+    return create("cyclemlp_b3", pretrained, **kwargs)
+
+
+@register_model
+def cyclemlp_b4(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-B4: 51.8M parameters, 10.1 GMACs at 224x224."""
+    return create("cyclemlp_b4", pretrained, **kwargs)
+
+
+@register_model
+def cyclemlp_b5(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-B5: 75.7M parameters, 12.3 GMACs at 224x224."""
+    return create("cyclemlp_b5", pretrained, **kwargs)
+
+
+@register_model
+def cyclemlp_t(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-T (Swin layout): 30.4M parameters, 4.4 GMACs at 224x224."""
+    return create("cyclemlp_t", pretrained, **kwargs)
+
+
+@register_model
+def cyclemlp_s(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-S (Swin layout): 53.5M parameters, 8.5 GMACs at 224x224."""
+    return create("cyclemlp_s", pretrained, **kwargs)
+
+
+@register_model
+def cyclemlp_b(pretrained: bool = False, **kwargs: Any) -> CycleMLP:
+    """CycleMLP-B (Swin layout): 94.7M parameters, 15.2 GMACs at 224x224."""
+    return create("cyclemlp_b", pretrained, **kwargs)

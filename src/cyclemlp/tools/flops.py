@@ -9,6 +9,13 @@ Two conventions are reported side by side:
   products and convolutions, LayerNorm not counted.
 
 Counting dispatches the real forward pass, so it works for any ``nn.Module`` (timm peers too).
+
+Stock counters count CycleMLP as the paper does: under a dispatch mode (``FlopCounterMode``,
+ptflops' ``backend="aten"``), while tracing (fvcore's ``FlopCountAnalysis``) and while hooks are
+registered on its layers (thop, ptflops' default backend) a CycleMLP runs its readable forward,
+every branch a layer. The hook-based counters know nothing of Cycle FC by itself: give them its
+rule, ``thop.profile(model, (x,), custom_ops=THOP_CUSTOM_OPS)`` or
+``get_model_complexity_info(model, (3, 224, 224), custom_modules_hooks=PTFLOPS_CUSTOM_HOOKS)``.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..models.cyclemlp import CycleMixer
+from ..layers.cycle_fc import CycleFC
 
-__all__ = ["Cost", "count_cost", "count_params"]
+__all__ = ["PTFLOPS_CUSTOM_HOOKS", "THOP_CUSTOM_OPS", "Cost", "count_cost", "count_params"]
 
 _LAYER_NORM_OPS = [torch.ops.aten.native_layer_norm]
 
@@ -85,19 +92,36 @@ def count_cost(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: 
     model.eval()
     mapping = {op: _layer_norm_macs for op in _LAYER_NORM_OPS} | {op: _attention_flops for op in _ATTENTION_OPS}
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    # CycleMLP's token mixers count as the paper writes them (each branch a layer), not as their
-    # fast path computes them. (Fused oneDNN kernels are off under the counter's dispatch mode.)
-    plain = [m for m in model.modules() if isinstance(m, CycleMixer)]
-    for module in plain:
-        module.forward = module.forward_plain
+    # under the counter's dispatch mode CycleMLP runs its readable forward (each branch a layer)
     try:
         with counter:
             model(x)
     finally:
         model.train(was_training)
-        for module in plain:
-            del module.forward
     per_op = counter.get_flop_counts()["Global"]
     norm_macs = sum(count for op, count in per_op.items() if op in _LAYER_NORM_OPS)
     product_flops = sum(count for op, count in per_op.items() if op not in _LAYER_NORM_OPS)
     return Cost(params=count_params(model), macs=product_flops // 2 + norm_macs, flops=product_flops)
+
+
+# --- rules for the hook-based counters ------------------------------------------------------------
+
+
+def _cycle_fc_macs(module: CycleFC, output: torch.Tensor) -> int:
+    """Cycle FC as the 1x1 convolution it is: one multiply-add per output element and input channel."""
+    return output.numel() * module.in_features
+
+
+def _thop_cycle_fc(module: CycleFC, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    module.total_ops += torch.tensor([_cycle_fc_macs(module, output)], dtype=torch.float64)
+
+
+def _ptflops_cycle_fc(module: CycleFC, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    module.__flops__ += _cycle_fc_macs(module, output)
+
+
+THOP_CUSTOM_OPS = {CycleFC: _thop_cycle_fc}
+"""``custom_ops`` for ``thop.profile``: counts Cycle FC's multiply-adds."""
+
+PTFLOPS_CUSTOM_HOOKS = {CycleFC: _ptflops_cycle_fc}
+"""``custom_modules_hooks`` for ptflops' ``get_model_complexity_info``: counts Cycle FC's multiply-adds."""
