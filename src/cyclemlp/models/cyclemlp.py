@@ -62,7 +62,7 @@ class ModelConfig:
         )
 
 
-# The single source of truth for every registered model (SPEC §2 and §3).
+# The single source of truth for every registered model (docs/design.md, sections 2 and 3).
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "cyclemlp_b1": ModelConfig((2, 2, 4, 2), (64, 128, 320, 512), (4, 4, 4, 4), "pvt", 0.1),
     "cyclemlp_b2": ModelConfig((2, 3, 10, 3), (64, 128, 320, 512), (4, 4, 4, 4), "pvt", 0.1),

@@ -1,8 +1,8 @@
 """Detectors on CycleMLP backbones: torchvision's RetinaNet and Mask R-CNN with a feature pyramid.
 
 The backbone is timm's ``features_only`` CycleMLP: each stage output passes through its own
-LayerNorm and leaves as NCHW at strides 4/8/16/32 (docs/design.md, 2). The necks follow the PVT recipes the
-authors pointed to (docs/design.md, 6):
+LayerNorm and leaves as NCHW at strides 4/8/16/32 (docs/design.md, section 2). The necks follow the PVT recipes the
+authors pointed to (docs/design.md, section 6):
 
 * RetinaNet: FPN over strides 8-32 (stages 2-4, "start level 1") with P6 computed from the last
   stage's input and P7 from P6, 256 channels: levels P3-P7.

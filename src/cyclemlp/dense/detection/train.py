@@ -1,6 +1,6 @@
 """Training, evaluation and prediction for the detectors (``cyclemlp detect train|eval|predict``).
 
-The default schedule is the 1x recipe (docs/design.md, 6; the PVT recipes the authors pointed to):
+The default schedule is the 1x recipe (docs/design.md, section 6; the PVT recipes the authors pointed to):
 AdamW (lr 1e-4 RetinaNet / 2e-4 Mask R-CNN, weight decay 1e-4), 12 epochs, linear warm-up over
 500 iterations from 0.001x, lr x0.1 after epochs 8 and 11, images resized to 800 (short side) /
 1333 (long side), random horizontal flips. The recipe's batch is 16 (8 GPUs x 2); ``batch_size``
@@ -56,7 +56,7 @@ DEFAULT_LR = {"retinanet": 1e-4, "mask_rcnn": 2e-4}
 
 @dataclass
 class DetectionRecipe:
-    """Optimisation and input settings; the defaults are the 1x schedule (docs/design.md, 6)."""
+    """Optimisation and input settings; the defaults are the 1x schedule (docs/design.md, section 6)."""
 
     epochs: int = 12
     lr: float | None = None  # None: DEFAULT_LR of the detector

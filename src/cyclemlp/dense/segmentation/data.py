@@ -1,4 +1,4 @@
-"""ADE20K-layout semantic segmentation data and the paper's training pipeline (docs/design.md, 6).
+"""ADE20K-layout semantic segmentation data and the paper's training pipeline (docs/design.md, section 6).
 
 Layout: ``root/images/<split>/<name>.<jpg|png>`` with the label map
 ``root/annotations/<split>/<name>.png`` (one channel, class index per pixel, 255 = ignore). With

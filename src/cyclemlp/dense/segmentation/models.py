@@ -2,7 +2,7 @@
 
 A registered CycleMLP is a timm model, so smp uses it as the encoder ``tu-cyclemlp_b1``: smp
 builds it with ``features_only=True`` and receives the four per-stage-normalised NCHW maps
-(strides 4-32) of docs/design.md, 2. Both of the paper's heads exist in smp and are used as they are:
+(strides 4-32) of docs/design.md, section 2. Both of the paper's heads exist in smp and are used as they are:
 
 * Semantic FPN (Kirillov et al. 2019; the paper's head for B1-B5) = ``smp.FPN``: a 256-channel
   top-down pyramid, each level brought to stride 4 by 3x3 conv + GroupNorm + ReLU + 2x upsampling

@@ -1,6 +1,6 @@
 """Training, evaluation and prediction for semantic segmentation (``cyclemlp segment ...``).
 
-Schedules (docs/design.md, 6), counted in iterations:
+Schedules (docs/design.md, section 6), counted in iterations:
 
 * Semantic FPN (B1-B5): AdamW lr 2e-4, weight decay 1e-4, poly decay (power 0.9) to 0 over 40k
   iterations, batch 32 (8 GPUs x 4), 512x512 crops.
@@ -61,7 +61,7 @@ __all__ = [
 # The backbone of each head where none is named: the paper's pairings.
 DEFAULT_BACKBONE = {"semantic_fpn": "cyclemlp_b1", "upernet": "cyclemlp_t"}
 
-# The head-specific parts of the recipe (docs/design.md, 6; UperNet follows Swin's setting).
+# The head-specific parts of the recipe (docs/design.md, section 6; UperNet follows Swin's setting).
 HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "semantic_fpn": {"iters": 40000, "lr": 2e-4, "weight_decay": 1e-4, "power": 0.9, "warmup_iters": 0,
                      "no_decay": (), "eval_interval": 4000},
