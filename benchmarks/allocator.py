@@ -30,7 +30,7 @@ SETTINGS = ("default", "keep")
 def child(name: str, batch: int, steps: int, threads: int, malloc: str) -> dict[str, float]:
     import torch
 
-    from benchmarks.run import build
+    from benchmarks.speed import build
     from cyclemlp.cli.malloc import apply_malloc_choice
 
     kept = apply_malloc_choice(malloc)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import timm
 
-    from benchmarks.run import DEFORM
+    from benchmarks.speed import DEFORM
 
     unknown = [m for m in args.models if m not in DEFORM and not timm.is_model(m)]
     if unknown:

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         t_branch = best_time(lambda: _mix_backward_per_branch(grad, parts, a, weight, bias, needs), args.repeats)
         t_stacked = best_time(lambda: stacked_per_image(grad, parts, a, weight, bias, needs), args.repeats)
         print(f"{positions:>6} {dim:>5} {t_image * 1e3:>10.2f} {t_branch * 1e3:>11.2f} "
-              f"{t_image / t_branch:>7.2f} {t_stacked * 1e3:>8.2f} {t_stacked / t_image:>7.2f} {diff:>9.1e}", flush=True)
+              f"{t_image / t_branch:>7.2f} {t_stacked * 1e3:>8.2f} {t_stacked / t_image:>7.2f} {diff:>9.1e}",
+              flush=True)
 
 
 if __name__ == "__main__":

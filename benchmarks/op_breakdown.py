@@ -6,9 +6,9 @@ operator with PyTorch's profiler.
 Kinds: matrix products (every ``mm``/``addmm``/``bmm``/``baddbmm``, oneDNN Linear and
 convolution that is not depthwise, and their backward), the shifts (Cycle FC's native kernel, the
 gathers of its readable form, and depthwise convolutions: other models' spatial mixing), LayerNorm,
-GELU, the optimizer step, and everything else (adds, softmax, means, reshapes, copies). Each kind's share of the profiled
-operator time is printed with the time per image; the products' share is the ceiling of what
-fusing or removing everything else could gain. Numbers are self times of the profiled operators
+GELU, the optimizer step, and everything else (adds, softmax, means, reshapes, copies). Each kind's
+share of the profiled operator time is printed with the time per image; the products' share is the
+ceiling of what fusing or removing everything else could gain. Numbers are self times of the profiled operators
 (the profiler adds some overhead per operator; compare shares, not absolute times, with the speed
 benchmark).
 """

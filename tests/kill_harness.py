@@ -5,9 +5,9 @@
 PLAN holds ``argv`` (the train command's arguments, without ``--output``), ``root`` (a folder),
 ``scenarios`` (below), and optionally ``write_phases`` (one scenario per file write of the
 reference run and phase) and ``random_delays`` (that many kills at moments drawn uniformly over
-the reference run's duration, seeded by ``seed``). This process imports everything once and then forks one child per run, so a
-scenario costs a second rather than an interpreter start; nothing in this process touches
-PyTorch's thread pools before forking. Every run's folder is ``root/<scenario name>``.
+the reference run's duration, seeded by ``seed``). This process imports everything once and then
+forks one child per run, so a scenario costs a second rather than an interpreter start; nothing in
+this process touches PyTorch's thread pools before forking. Every run's folder is ``root/<scenario name>``.
 
 A scenario kills its run (SIGKILL, as the machine or a user would) at one moment:
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "atomic_write", "checkpoint_file", "read_checkpoint", "save_weights"]
+__all__ = [
+    "CheckpointError", "CheckpointMismatchError", "atomic_write", "checkpoint_file", "read_checkpoint", "save_weights",
+]
 
 
 class CheckpointError(ValueError):

@@ -23,7 +23,8 @@ def test_cyclemlp_gmacs_grow_linearly_in_pixels_and_fixed_size_model_fails(tmp_p
         r = cycle[size]
         assert r.error is None and r.latency_ms > 0
         assert r.gmacs / base.gmacs == pytest.approx(r.pixels / base.pixels, rel=0.02)
-    assert loglog_slope([r.pixels for r in cycle.values()], [r.gmacs for r in cycle.values()]) == pytest.approx(1, abs=0.01)
+    slope = loglog_slope([r.pixels for r in cycle.values()], [r.gmacs for r in cycle.values()])
+    assert slope == pytest.approx(1, abs=0.01)
 
     mixer = {(r.height, r.width): r for r in results if r.model == "mixer_s32_224"}
     assert mixer[(224, 224)].error is None and mixer[(224, 224)].gmacs > 0
@@ -36,7 +37,8 @@ def test_cyclemlp_gmacs_grow_linearly_in_pixels_and_fixed_size_model_fails(tmp_p
     assert Image.open(tmp_path / "resolutions.png").format == "PNG"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not cpu_peak_supported(), reason="needs /proc/self/clear_refs")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not cpu_peak_supported(),
+                    reason="needs /proc/self/clear_refs")
 def test_cpu_peak_memory_sees_torch_allocations():
     size = 64 * 2**20
 

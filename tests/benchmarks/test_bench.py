@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.run import B1_STAGES, check_targets, markdown_table
+from benchmarks.speed import B1_STAGES, check_targets, markdown_table
 
 
 def _results(speedup: float, linear_ratio: float) -> dict:
@@ -172,7 +172,7 @@ def test_interleaved_timing_counts_page_faults():
 
     import torch
 
-    from benchmarks.run import minor_faults, timeit_interleaved
+    from benchmarks.speed import minor_faults, timeit_interleaved
 
     if minor_faults() is None:
         pytest.skip("this platform does not count page faults")

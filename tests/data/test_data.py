@@ -216,7 +216,7 @@ def _windows(image: torch.Tensor, pad: int, fill: float) -> list[torch.Tensor]:
     """Every crop of ``image``'s size from ``image`` padded by ``pad`` with ``fill``."""
     h, w = image.shape[-2:]
     padded = torch.nn.functional.pad(image, (pad, pad, pad, pad), value=fill)
-    return [padded[..., t:t + h, l:l + w] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+    return [padded[..., t:t + h, left:left + w] for t in range(2 * pad + 1) for left in range(2 * pad + 1)]
 
 
 def test_pad_crop_translates_like_torchvisions_random_crop():
@@ -297,7 +297,8 @@ def test_caching_is_refused_with_the_reason(tmp_path):
     assert "8 images of (3, 224, 224) would take" in too_big
     fits = 8 * 3 * 224 * 224 * 4
     assert cacheable(fmnist, FLIP_ONLY, (3, 224, 224), max_bytes=fits) is None
-    assert "would take" in cacheable(fmnist, {**FLIP_ONLY, "pad_crop": 4}, (3, 224, 224), max_bytes=fits)  # + padded copy
+    # with the padded copy
+    assert "would take" in cacheable(fmnist, {**FLIP_ONLY, "pad_crop": 4}, (3, 224, 224), max_bytes=fits)
     folder = build_dataset(data=imagenet_folder(tmp_path), split="train")
     assert "not an in-memory dataset" in cacheable(folder, FLIP_ONLY)
     with pytest.raises(ValueError, match="differ in length"):

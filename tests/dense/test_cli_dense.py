@@ -74,8 +74,9 @@ def test_detect_train_eval_predict_commands(tmp_path, processes):
                         "--score-threshold", "0", check=True)
     assert predicted.stdout.count("detections ->") == 4 and len(list((tmp_path / "pred").glob("*.png"))) == 4
     (tmp_path / "broken.png").write_text("not an image")
-    partial = run_cli("detect", "predict", str(run), str(images / "train" / sorted(p.name for p in (images / "train").iterdir())[0]),
-                      str(tmp_path / "broken.png"), "--output", str(tmp_path / "pred2"))
+    first = sorted((images / "train").iterdir())[0]
+    partial = run_cli("detect", "predict", str(run), str(first), str(tmp_path / "broken.png"), "--output",
+                      str(tmp_path / "pred2"))
     assert partial.returncode == 2 and partial.stdout.count("detections ->") == 1
     assert f"error: {tmp_path / 'broken.png'}: cannot read the image" in partial.stderr
 

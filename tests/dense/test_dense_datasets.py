@@ -53,7 +53,8 @@ def test_fashion_canvases_are_real_objects_without_overlap():
             assert 0 <= cls <= 9 and mask.any()
             union += mask
         assert union.max() <= 1  # objects do not overlap
-        assert (canvas[..., 0][union == 0] == 0).all() and (canvas[..., 0][union == 1] > dd.FASHION_MASK_THRESHOLD).all()
+        assert (canvas[..., 0][union == 0] == 0).all()
+        assert (canvas[..., 0][union == 1] > dd.FASHION_MASK_THRESHOLD).all()
 
 
 def test_fashion_instance_and_semantic_sets_agree(tmp_path):

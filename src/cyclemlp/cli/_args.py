@@ -67,7 +67,9 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             if not text or not (text[0].isalpha() or text[0] == "_") or any(c in text for c in "()[]{}'\""):
-                raise ValueError(f"{key}={text}: {text!r} is not a Python literal (e.g. 3, 0.5, (16, 32), 'name')") from None
+                raise ValueError(
+                    f"{key}={text}: {text!r} is not a Python literal (e.g. 3, 0.5, (16, 32), 'name')"
+                ) from None
             value = text  # a bare word, e.g. pattern=paper
         out[key] = value
     return out

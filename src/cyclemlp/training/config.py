@@ -269,7 +269,8 @@ class ResumeConflictError(ValueError):
 
     def __init__(self, run: str, conflicts: list[tuple[str, Any, Any]]) -> None:
         self.conflicts = conflicts
-        lines = [f"  {flag(name)}: recorded {_show(recorded)}, given {_show(given)}" for name, recorded, given in conflicts]
+        lines = [f"  {flag(name)}: recorded {_show(recorded)}, given {_show(given)}"
+                 for name, recorded, given in conflicts]
         super().__init__(
             f"cannot resume {run}: these values differ from the run's record and would change its result\n"
             + "\n".join(lines)

@@ -85,6 +85,7 @@ def coco_evaluate(
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        text.append(f"{iou_type}:\n" + "\n".join(l for l in buffer.getvalue().splitlines() if l.startswith(" Average")))
+        text.append(f"{iou_type}:\n" + "\n".join(line for line in buffer.getvalue().splitlines()
+                                                      if line.startswith(" Average")))
         metrics.update({f"{iou_type}_{m}": float(v) for m, v in zip(METRIC_NAMES, evaluator.stats[:6])})
     return metrics, "\n".join(text)

@@ -272,7 +272,7 @@ def draw_detections(
     keep = output["scores"].cpu() >= score_threshold
     boxes, labels, scores = output["boxes"].cpu()[keep], output["labels"].cpu()[keep], output["scores"].cpu()[keep]
     colours = palette(len(categories) + 1)
-    colors = [colours[int(l)] for l in labels]
+    colors = [colours[int(label)] for label in labels]
     if "masks" in output and keep.any():
         canvas = draw_segmentation_masks(canvas, output["masks"].cpu()[keep][:, 0] > 0.5, alpha=0.45, colors=colors)
     names = [f"{_category(categories, label)} {score:.2f}" for label, score in zip(labels, scores)]
@@ -311,13 +311,14 @@ def predict_detections(
         drawn = draw_detections(image, output, categories, score_threshold)
         target = out / f"{path.stem}.png"
         pil = Image.fromarray(drawn.permute(1, 2, 0).numpy())
-        atomic_write(target, lambda tmp: pil.save(tmp, format="PNG"))
+        atomic_write(target, lambda tmp, pil=pil: pil.save(tmp, format="PNG"))
         keep = output["scores"] >= score_threshold
         records.append({
             "file": str(path), "output": str(target),
             "detections": [
-                {"label": _category(categories, l), "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
-                for b, l, s in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep])
+                {"label": _category(categories, label), "score": round(float(score), 4),
+                 "box": [round(float(v), 1) for v in box]}
+                for box, label, score in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep])
             ],
         })
     return records

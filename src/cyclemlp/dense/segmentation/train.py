@@ -403,8 +403,8 @@ def predict_segmentation(
         label.putpalette(flat)
         overlay_pil = Image.fromarray(overlay.permute(1, 2, 0).numpy())
         files = {"overlay": out / f"{path.stem}_overlay.png", "label": out / f"{path.stem}_label.png"}
-        atomic_write(files["overlay"], lambda tmp: overlay_pil.save(tmp, format="PNG"))
-        atomic_write(files["label"], lambda tmp: label.save(tmp, format="PNG"))
+        atomic_write(files["overlay"], lambda tmp, image=overlay_pil: image.save(tmp, format="PNG"))
+        atomic_write(files["label"], lambda tmp, image=label: image.save(tmp, format="PNG"))
         counts = torch.bincount(pred.flatten(), minlength=len(classes)).double() / pred.numel()
         records.append({
             "file": str(path), **{k: str(v) for k, v in files.items()},

@@ -3,8 +3,8 @@
 Everything is measured in ONE run on one machine, so the ratios in the report compare like with
 like. Run it from the repository root:
 
-    python -m benchmarks.run --output benchmarks/results          # or: cyclemlp bench
-    python -m benchmarks.run --quick                              # a smoke run (minutes)
+    python -m benchmarks.speed                    # writes benchmarks/results/speed
+    python -m benchmarks.speed --quick --output /tmp/speed        # a smoke run (minutes)
 
 It prints the tables, writes ``results.json``, ``cycle_fc.csv``, ``models.csv``, ``report.md``
 and ``models.png`` into ``--output``, and checks the project's speed targets against the measured
@@ -19,7 +19,6 @@ import ctypes
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,10 +48,11 @@ from deform_reference import DeformCycleFC, deform_model  # noqa: E402
 
 import cyclemlp  # noqa: E402,F401  (registers the models)
 from benchmarks.gemm_bound import ceiling_seconds, record_products, replay_seconds  # noqa: E402
-from cyclemlp import CycleFC, count_cost
+from cyclemlp import CycleFC, count_cost  # noqa: E402
 from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice, malloc_in_force  # noqa: E402
 from cyclemlp.io import atomic_write  # noqa: E402
 from cyclemlp.layers import native  # noqa: E402
+from cyclemlp.tools.environment import machine  # noqa: E402
 
 B1_STAGES = [(56, 64), (28, 128), (14, 320), (7, 512)]  # (side, channels) of B1 at 224
 PEERS = ["pvt_v2_b1", "pvt_v2_b2", "resnet50", "swin_tiny_patch4_window7_224", "convnext_tiny", "poolformer_s24"]
@@ -308,12 +308,12 @@ def bench_graph_modes(names: list[str], batch: int, device: torch.device, repeat
         model = timm.create_model(name).to(device).eval()
         x = torch.randn(batch, 3, 224, 224, device=device)
         with torch.no_grad():
-            eager = timeit(lambda: model(x), device, repeats)
+            eager = timeit(lambda model=model, x=x: model(x), device, repeats)
             start = time.perf_counter()
             compiled = torch.compile(model)
             compiled(x)
             compile_s = time.perf_counter() - start
-            fast = timeit(lambda: compiled(x), device, repeats)
+            fast = timeit(lambda compiled=compiled, x=x: compiled(x), device, repeats)
         row = dict(model=name, eager_img_s=batch / eager, compile_img_s=batch / fast, compile_s=compile_s,
                    onnxruntime_img_s=None)
         if device.type == "cpu":
@@ -370,7 +370,8 @@ def check_targets(results: dict) -> list[dict]:
     for batch in sorted({r["batch"] for r in results["cycle_fc"]}):
         stage1 = f"{B1_STAGES[0][0]}x{B1_STAGES[0][0]}x{B1_STAGES[0][1]}"
         add(f"Cycle FC fwd+bwd vs deform, {stage1}, batch {batch} (x faster)",
-            _ratio(fc[(batch, stage1, "deform_conv2d")]["fwd_bwd_ms"], fc[(batch, stage1, "cyclemlp")]["fwd_bwd_ms"]), 15)
+            _ratio(fc[(batch, stage1, "deform_conv2d")]["fwd_bwd_ms"], fc[(batch, stage1, "cyclemlp")]["fwd_bwd_ms"]),
+            15)
         for side, dim in B1_STAGES:
             shape = f"{side}x{side}x{dim}"
             linear = fc[(batch, shape, "linear")]
@@ -522,7 +523,7 @@ def plot(results: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="benchmarks/results", help="folder for the report files")
+    parser.add_argument("--output", default="benchmarks/results/speed", help="folder for the report files")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=32, help="inference/training batch (default 32)")
     parser.add_argument("--fc-batches", type=int, nargs="+", default=[8, 32])
@@ -579,12 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"bench: {err}") from err
     device = torch.device(args.device)
-    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = dict(environment=dict(
-        machine=f"{name}, {os.cpu_count()} CPU cores", torch=torch.__version__, threads=torch.get_num_threads(),
+        machine=machine(), torch=str(torch.__version__), threads=torch.get_num_threads(),
         device=str(device), malloc=malloc_in_force(), command=command.strip(), date=time.strftime("%Y-%m-%d %H:%M"),
-        shift=shift_kernel_in_use(device),
+        shift=shift_kernel_in_use(device), load_average=round(os.getloadavg()[0], 1),
     ), batch=args.batch)
     print("matmul peak ...", flush=True)
     results["matmul_peak_gflop_s"] = matmul_peak(device, args.repeats)
