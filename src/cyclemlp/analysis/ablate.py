@@ -62,17 +62,14 @@ class SpatialFCMixer(nn.Module):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False) -> torch.Tensor:
-        """``residual`` (added to the output) and ``onednn`` follow the call that
-        :class:`~cyclemlp.models.cyclemlp.CycleBlock` makes of its mixer at inference; ``onednn`` is unused."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         if (height, width) != (self.height, self.width):
             raise ValueError(
                 f"spatial FC was built for {self.height}x{self.width} feature maps; got {height}x{width}"
             )
         tokens = x.reshape(batch, height * width, dim).transpose(1, 2)
-        x = self.proj(self.token_fc(tokens).transpose(1, 2).reshape(batch, height, width, dim))
-        return x if residual is None else residual + x
+        return self.proj(self.token_fc(tokens).transpose(1, 2).reshape(batch, height, width, dim))
 
 
 def use_spatial_fc(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:

@@ -471,13 +471,12 @@ def _run(config: TrainConfig, model_factory: Callable[..., nn.Module] | None, di
             log.rows = [dict(r) for r in state.get("history", [])]
             if dist.is_main:
                 _repair(out_dir, state, log, ema is not None)
-        if config.tensorboard:
-            log.open_tensorboard()
-
         if start_epoch >= config.epochs:
             engine.print0(f"{out_dir} is complete ({config.epochs} epochs); nothing to train (pass --epochs N with "
                           f"N > {config.epochs} to extend it)", dist=dist)
         else:
+            if config.tensorboard:
+                log.open_tensorboard()
             if folder is not None:
                 engine.print0(f"resuming {out_dir} at epoch {start_epoch + 1} of {config.epochs}", dist=dist)
             engine.print0(
