@@ -34,7 +34,7 @@ from torch import nn
 
 from ..layers.config import fused_applies, use_fused
 from ..layers.cycle_fc import CycleFC, Pattern, normalize_stepsize
-from ..layers.kernels import cycle_block, cycle_mixer
+from ..layers.kernels import cycle_block, cycle_mixer, drop_inference_cache, embed_conv
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
@@ -145,6 +145,10 @@ class CycleMixer(nn.Module):
         a = self.reweight(branches.sum(dim=-1).mean(dim=(1, 2))).reshape(batch, 1, 1, dim, -1).softmax(dim=-1)
         return self.proj((a * branches).sum(dim=-1))  # proj(a_h * h + a_w * w + a_c * c)
 
+    def train(self, mode: bool = True) -> "CycleMixer":
+        drop_inference_cache(self)  # the fused kernels' inference form of the weights: rebuilt when next needed
+        return super().train(mode)
+
 
 class CycleBlock(nn.Module):
     """Pre-norm CycleMLP block: token mixer then channel MLP, each residual with drop path.
@@ -181,11 +185,18 @@ class CycleBlock(nn.Module):
         x = x + self.drop_path(self.mixer(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def train(self, mode: bool = True) -> "CycleBlock":
+        drop_inference_cache(self)  # the fused kernels' inference form of the weights: rebuilt when next needed
+        return super().train(mode)
+
 
 class ConvEmbed(nn.Module):
     """Strided convolution from channels-last (or an NCHW image) to channels-last, optional LN.
 
-    Used as the stem of both layouts and as the downsampling of the ``pvt`` layout.
+    Used as the stem of both layouts and as the downsampling of the ``pvt`` layout. With ``fused``
+    set (default :func:`~cyclemlp.layers.config.use_fused`) the convolution runs
+    :func:`cyclemlp.layers.kernels.embed_conv`: in CPU inference the same convolution with its
+    weight reordered for oneDNN once instead of on every call.
     """
 
     def __init__(
@@ -195,6 +206,7 @@ class ConvEmbed(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.channels_last_input = channels_last_input
+        self.fused = use_fused()
         self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding, **dd)
         self.norm = nn.LayerNorm(dim, **dd) if norm else nn.Identity()
 
@@ -203,7 +215,14 @@ class ConvEmbed(nn.Module):
             x = x.permute(0, 3, 1, 2)  # an NCHW view of NHWC memory: conv keeps that format
         else:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.fused and not torch.jit.is_scripting():
+            if fused_applies(self, x):
+                return self.norm(embed_conv(self, x).permute(0, 2, 3, 1))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+    def train(self, mode: bool = True) -> "ConvEmbed":
+        drop_inference_cache(self)  # the fused kernels' inference form of the weights: rebuilt when next needed
+        return super().train(mode)
 
 
 class CycleStage(nn.Module):
