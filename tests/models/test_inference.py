@@ -148,6 +148,7 @@ CHANGES = {
     "adamw_foreach_step": lambda m, x: _step(m, x, torch.optim.AdamW(m.parameters(), lr=0.1, foreach=True)),
     "adamw_fused_step": lambda m, x: _step(m, x, torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)),
     "in_place_no_grad": lambda m, x: [p.mul_(1.5) for p in m.parameters()] and None,
+    "biases_only": lambda m, x: [p.add_(0.5) for n, p in m.named_parameters() if n.endswith(".bias")] and None,
     "dtype_round_trip": lambda m, x: (m.double(), _perturbed(m, 0.5), m.float()),
     "param_data_assign": lambda m, x: _assign_data(m),
     "train_then_eval": lambda m, x: (m.train(), _step(m, x, torch.optim.SGD(m.parameters(), lr=1.0)), m.eval()),
@@ -155,14 +156,21 @@ CHANGES = {
 }
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_cache_follows_weight_changes(change):
+def test_cache_follows_weight_changes(change, int8):
+    """With ``int8`` the blocks of stages 2-4 keep int8 forms too (tests/models/test_int8.py); a
+    copy, which packs them anew, gives the same output bitwise."""
     model = _perturbed(_small_model()).eval()
+    if int8:
+        cyclemlp.quantize_int8(model, min_dim=32)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
     assert _cache_of(model.stages[0].blocks[0]) is not None
-    if change in ("in_place_no_grad",):
+    if int8:
+        assert "int8" in _cache_of(model.stages[1].blocks[0]).entries
+    if change in ("in_place_no_grad", "biases_only"):
         with torch.no_grad():
             CHANGES[change](model, x)
     else:
@@ -170,9 +178,12 @@ def test_cache_follows_weight_changes(change):
     assert not model.training
     with torch.no_grad():
         after = model(x)
-    want = _readable(model, x)
+        want = copy.deepcopy(model)(x) if int8 else _readable(model, x)
     assert not torch.allclose(want, before, atol=1e-3)  # the change matters
-    torch.testing.assert_close(after, want, **TOL)
+    if int8:
+        assert torch.equal(after, want)
+    else:
+        torch.testing.assert_close(after, want, **TOL)
 
 
 def test_mode_switches_drop_the_cache_and_copies_leave_it_behind():

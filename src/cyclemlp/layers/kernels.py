@@ -14,12 +14,16 @@ here is private to them. The kernels read the modules' parameters and compute th
   the shifted inputs (a shift costs about one copy); the weight and coefficient gradients come
   from per-image products ``g^T @ S_k``, so no branch output is needed there either.
 * CPU inference runs the Linear layers as fused oneDNN kernels (the bias, the exact GELU and the
-  residual adds inside the product).
+  residual adds inside the product); the blocks and mixers whose ``int8`` attribute is set
+  (:func:`cyclemlp.quantize_int8`) run them as FBGEMM int8 products instead (dynamic quantization).
 * The channel MLP keeps only its input and the first product for backward (GELU is recomputed),
   and runs everything after the first product in row chunks when its hidden layer is large.
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .cycle_fc import CycleFC, _fused_shift
 
-__all__ = ["cycle_block", "cycle_mixer", "drop_inference_cache", "embed_conv"]
+__all__ = ["check_int8", "cycle_block", "cycle_mixer", "drop_inference_cache", "embed_conv"]
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ONEDNN_CONV = _ONEDNN_LINEAR and all(
@@ -166,18 +170,75 @@ def embed_conv(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
         "")
 
 
+# --- int8 products ---------------------------------------------------------------------------------
+#
+# The blocks and mixers whose ``int8`` attribute is set (:func:`cyclemlp.quantize_int8`) multiply by
+# int8 weights in CPU float32 inference (post-training dynamic quantization, as PyTorch's
+# ``quantize_dynamic`` does it): each weight is quantized once, one symmetric scale per output
+# channel, and packed with its bias for FBGEMM, in the module's inference cache beside the float32
+# forms (so it follows the weights the same way); each product quantizes its input on every call,
+# one scale over the whole input, to 7 bits (``reduce_range``: with 8-bit inputs the AVX2 kernels'
+# 16-bit pairwise sums can saturate), and returns float32.
+
+_INT8_ENGINE = next((e for e in ("fbgemm", "x86") if e in torch.backends.quantized.supported_engines), None)
+
+
+def check_int8() -> None:
+    """Raise RuntimeError unless this PyTorch has FBGEMM's int8 kernels (its x86 builds do)."""
+    if _INT8_ENGINE is None or not hasattr(torch.ops.quantized, "linear_dynamic"):
+        raise RuntimeError(
+            "int8 inference needs PyTorch's FBGEMM quantized engine (x86 CPUs), which this PyTorch lacks "
+            f"(its quantized engines: {', '.join(torch.backends.quantized.supported_engines)})")
+
+
+@contextlib.contextmanager
+def _quantized_engine():
+    """PyTorch's quantized engine set to FBGEMM's while weights are packed: the packed form, not the
+    engine of the moment, picks the kernels of the products."""
+    check_int8()
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = _INT8_ENGINE
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _int8_packed(layer: nn.Module) -> torch.ScriptObject:
+    """``layer.weight`` (out, in) in int8 with the scales of PyTorch's per-channel dynamic
+    quantization (``max |w_o| / 127.5``), packed with ``layer.bias`` for FBGEMM."""
+    weight = layer.weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps)
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    with _quantized_engine(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        weight = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+                                            torch.qint8)
+        return torch.ops.quantized.linear_prepack(weight, bias)
+
+
+def _linear_int8(rows: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    """``rows @ W^T + b`` (float32) by FBGEMM from the packed int8 weight, ``rows`` quantized on the
+    fly to 7 bits."""
+    return torch.ops.quantized.linear_dynamic(rows, packed, True)
+
+
 # --- the CycleMLP block ----------------------------------------------------------------------------
 
 
 def cycle_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a ``CycleBlock`` (``norm1``, ``mixer``, ``norm2``, ``mlp``, ``drop_path``).
-    In CPU inference the residual adds ride on the last product of the mixer and of the MLP."""
+    In CPU inference the residual adds ride on the last product of the mixer and of the MLP (or
+    follow it, with int8 products: the block's and the mixer's ``int8``)."""
     if not block.training and _onednn_inference(x):
         norm1, norm2 = block.norm1, block.norm2
         x = _mixer(block.mixer, F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps),
                    residual=x, onednn=True)
         y = F.layer_norm(x, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps)
-        return _channel_mlp(block.mlp, y, residual=x, onednn=True, cache=_inference_cache(block, _mlp_sources(block)))
+        cache = _inference_cache(block, _mlp_sources(block))
+        if getattr(block, "int8", False):
+            return _channel_mlp_int8(block.mlp, y, x, cache)
+        return _channel_mlp(block.mlp, y, residual=x, onednn=True, cache=cache)
     x = x + block.drop_path(_mixer(block.mixer, block.norm1(x)))
     return x + block.drop_path(_channel_mlp(block.mlp, block.norm2(x)))
 
@@ -251,8 +312,9 @@ def _mixer_inference(mixer: nn.Module, x: torch.Tensor, residual: torch.Tensor |
     layers = _branch_layers(mixer)
     n = len(layers)
     proj = mixer.proj
-    cache = _inference_cache(mixer, [t for fc in layers for t in (fc.weight, fc.bias) if t is not None]
-                             + [proj.weight])
+    cache = _inference_cache(mixer, [t for fc in (*layers, proj) for t in (fc.weight, fc.bias) if t is not None])
+    if getattr(mixer, "int8", False):
+        return _mixer_int8(mixer, layers, x, residual, cache)
     form = cache.get("branches")
     if form is None:
         form = cache["branches"] = _branch_form(layers)
@@ -302,6 +364,34 @@ def _mixer_inference(mixer: nn.Module, x: torch.Tensor, residual: torch.Tensor |
             out.addcmul_(ys[k], a[:, k])
     return _linear(out.view(batch, height, width, dim), proj, residual=residual, onednn=True,
                    weight=_packed(cache, "proj", proj.weight, rows))
+
+
+def _mixer_int8(
+    mixer: nn.Module, layers: list[nn.Module], x: torch.Tensor, residual: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """:func:`_mixer_inference` with int8 products (the branches and the projection; the small
+    reweighting MLP stays float32). The branch outputs first at every width and batch (folded
+    weights would be packed anew on every call); the pooled mean, the coefficients and the weighted
+    sum in float32 from them; the residual added after the projection."""
+    batch, height, width, dim = x.shape
+    rows = batch * height * width
+    form = cache.get("int8")
+    if form is None:
+        form = cache["int8"] = ([_int8_packed(fc) for fc in layers], _int8_packed(mixer.proj))
+    branches, proj = form
+    ys = [_linear_int8(_shifted(x, fc.offsets if isinstance(fc, CycleFC) else None).reshape(rows, dim),
+                       packed).view(batch, height * width, dim) for fc, packed in zip(layers, branches)]
+    pooled = ys[0].mean(dim=1)
+    for y in ys[1:]:
+        pooled += y.mean(dim=1)
+    a = _coefficients(mixer.reweight, pooled, len(ys))  # (B, C, n)
+    out = ys[0].mul_(a[:, None, :, 0])
+    for k in range(1, len(ys)):
+        out.addcmul_(ys[k], a[:, None, :, k])
+    out = _linear_int8(out.view(rows, dim), proj)
+    if residual is not None:
+        out += residual.reshape(rows, dim)
+    return out.view(batch, height, width, dim)
 
 
 def _branch_form(layers: list[nn.Module]) -> tuple:
@@ -483,7 +573,7 @@ def _mlp_chunk_rows(rows: int, hidden: int) -> int:
 
 
 def _mlp_sources(block: nn.Module) -> list[torch.Tensor]:
-    return [block.mlp.fc1.weight, block.mlp.fc2.weight]
+    return [t for fc in (block.mlp.fc1, block.mlp.fc2) for t in (fc.weight, fc.bias) if t is not None]
 
 
 def _channel_mlp(
@@ -516,6 +606,26 @@ def _channel_mlp(
     else:
         out = mlp(x)
     return out if residual is None else residual + out
+
+
+def _channel_mlp_int8(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor, cache: dict) -> torch.Tensor:
+    """:func:`_channel_mlp` in CPU float32 inference with int8 products (see :func:`_int8_packed`);
+    the exact GELU and the residual add run after them, in place."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    form = cache.get("int8")
+    if form is None:
+        form = cache["int8"] = (_int8_packed(fc1), _int8_packed(fc2))
+    rows, res = x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1])
+    step = _mlp_chunk_rows(rows.shape[0], fc1.out_features)
+    if rows.shape[0] <= step:
+        out = _linear_int8(torch.ops.aten.gelu_(_linear_int8(rows, form[0])), form[1]).add_(res)
+    else:
+        out = rows.new_empty(rows.shape[0], fc2.out_features)
+        for start in range(0, rows.shape[0], step):
+            chunk = slice(start, start + step)
+            hidden = torch.ops.aten.gelu_(_linear_int8(rows[chunk], form[0]))
+            torch.add(res[chunk], _linear_int8(hidden, form[1]), out=out[chunk])
+    return out.view(*x.shape[:-1], fc2.out_features)
 
 
 class _ChunkedMlp(torch.autograd.Function):

@@ -100,6 +100,9 @@ class CycleMixer(nn.Module):
     ``branches`` selects a subset of the three branches (for ablations). With ``fused`` set
     (default :func:`~cyclemlp.layers.config.use_fused`) the forward runs
     :func:`cyclemlp.layers.kernels.cycle_mixer`, the same function without the branch outputs.
+    With ``int8`` also set (default off; :func:`cyclemlp.quantize_int8`), CPU float32 inference
+    multiplies by int8 dynamic-quantized branch and projection weights: close to, not equal to, the
+    float32 function.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class CycleMixer(nn.Module):
         self.dim = dim
         self.branches = branches
         self.fused = use_fused()
+        self.int8 = False
         width_step, height_step = branch_stepsizes(stepsize)
         self.width_fc = CycleFC(dim, dim, width_step, pattern, **dd) if "width" in branches else None
         self.height_fc = CycleFC(dim, dim, height_step, pattern, **dd) if "height" in branches else None
@@ -155,7 +159,9 @@ class CycleBlock(nn.Module):
 
     With ``fused`` set (default :func:`~cyclemlp.layers.config.use_fused`) the forward runs
     :func:`cyclemlp.layers.kernels.cycle_block`, the same function with the mixer's and the MLP's
-    fused kernels.
+    fused kernels. With ``int8`` also set (default off; :func:`cyclemlp.quantize_int8`), CPU
+    float32 inference runs the channel MLP's products in int8 (dynamic quantization); the mixer
+    follows its own ``int8``.
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class CycleBlock(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fused = use_fused()
+        self.int8 = False
         self.norm1 = nn.LayerNorm(dim, **dd)
         self.mixer = CycleMixer(dim, stepsize, pattern, branches, **dd)
         self.norm2 = nn.LayerNorm(dim, **dd)
