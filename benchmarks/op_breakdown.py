@@ -26,10 +26,11 @@ import cyclemlp  # noqa: F401  (registers the models)
 from cyclemlp.cli.malloc import add_malloc_argument, apply_malloc_choice
 
 PRODUCT_NAMES = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
-                 "mkldnn::_linear_pointwise",
+                 "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary", "quantized::linear_dynamic",
                  "aten::mkldnn_linear_backward", "aten::mkldnn_linear_backward_input",
                  "aten::mkldnn_linear_backward_weights")
-CONV_NAMES = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+CONV_NAMES = ("aten::mkldnn_convolution", "mkldnn::_convolution_pointwise", "aten::convolution_backward",
+              "aten::_convolution",
               "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
 SHIFT_NAMES = ("cyclemlp::shift", "aten::gather", "aten::index", "aten::slice_scatter", "aten::index_select")
 NORM_NAMES = ("aten::native_layer_norm", "aten::native_layer_norm_backward")

@@ -38,7 +38,7 @@ _EXPORTS = {
     "cycle_shift": "layers.cycle_fc",
     "BRANCHES": "models.cyclemlp", "MODEL_CONFIGS": "models.cyclemlp", "CycleBlock": "models.cyclemlp",
     "CycleMixer": "models.cyclemlp", "CycleMLP": "models.cyclemlp", "create": "models.cyclemlp",
-    "LoadReport": "models.checkpoint", "load_checkpoint": "models.checkpoint",
+    "LoadReport": "models.checkpoint", "load_checkpoint": "models.checkpoint", "quantize_int8": "models.int8",
     "CheckpointError": "io", "CheckpointMismatchError": "io", "save_weights": "io",
     "Cost": "tools.flops", "count_cost": "tools.flops",
 }

@@ -320,7 +320,8 @@ def test_fused_switch(monkeypatch):
     assert not any(getattr(m, "fused", False) for m in _small_model().modules())
     set_fused(True)
     fused = [m.fused for m in _small_model().modules() if hasattr(m, "fused")]
-    assert len(fused) == 4 * 4 and all(fused)  # per block: the block, its mixer, two Cycle FCs
+    # per block: the block, its mixer, two Cycle FCs; per stage its convolution (stem or downsampling)
+    assert len(fused) == 4 * 4 + 4 and all(fused)
     code = "import cyclemlp.layers as layers; print(layers.use_fused())"
     for value, expected in (("0", "False"), ("off", "False"), ("1", "True")):
         env = dict(cli_env(), CYCLEMLP_FUSED=value)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ._args import positive_int
-from .eval import add_input_args, add_weights_args
+from .eval import add_input_args, add_int8_arg, add_weights_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_weights_args(parser)
     add_input_args(parser)
     parser.add_argument("--topk", type=positive_int, default=5, metavar="K", help="classes to show per image")
+    add_int8_arg(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the predictions (and the failures) as JSON")
     parser.set_defaults(func=run)
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     predictions = predict(
         args.images, args.checkpoint, model=args.model, model_kwargs=args.model_kwargs, pretrained=args.pretrained,
         topk=args.topk, img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
-        device=args.device, use_ema=args.use_ema,
+        device=args.device, use_ema=args.use_ema, int8=args.int8,
     )
     failed = [p for p in predictions if p.error]
     for pred in predictions:

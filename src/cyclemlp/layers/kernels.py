@@ -14,23 +14,31 @@ here is private to them. The kernels read the modules' parameters and compute th
   the shifted inputs (a shift costs about one copy); the weight and coefficient gradients come
   from per-image products ``g^T @ S_k``, so no branch output is needed there either.
 * CPU inference runs the Linear layers as fused oneDNN kernels (the bias, the exact GELU and the
-  residual adds inside the product).
+  residual adds inside the product); the blocks and mixers whose ``int8`` attribute is set
+  (:func:`cyclemlp.quantize_int8`) run them as FBGEMM int8 products instead (dynamic quantization).
 * The channel MLP keeps only its input and the first product for backward (GELU is recomputed),
   and runs everything after the first product in row chunks when its hidden layer is large.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .cycle_fc import CycleFC, _fused_shift
 
-__all__ = ["cycle_block", "cycle_mixer"]
+__all__ = ["check_int8", "cycle_block", "cycle_mixer", "drop_inference_cache", "embed_conv"]
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_CONV = _ONEDNN_LINEAR and all(
+    hasattr(torch.ops.mkldnn, op) for op in ("_convolution_pointwise", "_reorder_convolution_weight"))
+_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # Up to this width the token mixer multiplies by per-image folded weights (B x C x 3C, cheap next to
 # the activations); wider, by the three branch weights followed by a weighted sum.
@@ -42,13 +50,16 @@ def _onednn_inference(x: torch.Tensor) -> bool:
 
 
 def _linear(
-    x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None, onednn: bool = False
+    x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None, onednn: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``layer(x)``, then an exact GELU or ``+ residual`` if asked; with ``onednn`` one oneDNN kernel
     (the fused linear kernels of PyTorch's own CPU compiler), which skips the bias broadcast copy
-    and the separate elementwise pass."""
+    and the separate elementwise pass, multiplying by ``weight`` if given (``layer.weight`` in
+    the layout of :func:`_packed`)."""
     if onednn:
-        weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
+        if weight is None:
+            weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
         if gelu:
@@ -60,15 +71,174 @@ def _linear(
     return out if residual is None else residual + out
 
 
+# --- the inference form of the weights -------------------------------------------------------------
+#
+# In inference the parameters stay the same from call to call, so whatever the kernels derive from
+# them alone is derived once per module and kept: the branch weights side by side and their bias
+# sums, and every weight in the blocked layout oneDNN multiplies by, which it would otherwise
+# reorder into on every call (``_reorder_linear_weight`` for the row count of the product;
+# ``_reorder_convolution_weight`` for the input size: without it, a layout picked for another
+# size costs a slow reorder per call under some instruction sets).
+#
+# Each module holds its own cache, and a stale one is never read. It is keyed by the address and
+# version counter of every parameter it derives from, and by a count of optimizer steps:
+# * in-place updates (``load_state_dict``, in-place ops under ``no_grad``, foreach optimizers) bump
+#   the version counter;
+# * replaced tensors (``.to()``, ``load_state_dict(assign=True)``, ``param.data = ...``) change the
+#   address: the cache holds the tensors it was built from, so their memory cannot be handed to a
+#   replacement while it lives;
+# * fused optimizers (``AdamW(fused=True)``) update in place without bumping the version counter:
+#   a global optimizer-step hook counts the steps of every optimizer in the process.
+# ``train()`` and ``eval()`` drop the cache (also the way to refresh it after writing through
+# ``param.data``, which bypasses the version counter), and copies and pickles of a module leave it
+# behind.
+
+# Up to this many rows per product the Linear weights are kept reordered for that row count (batch
+# 1 at 224 px has 3136 rows in the first stage). Larger products gain nothing from it
+# (benchmarks/latency.py, batch 16) and would keep one more copy of every weight.
+_PACK_MAX_ROWS = 4096
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class _InferenceCache:
+    __slots__ = ("entries", "key", "sources")
+
+    def __init__(self, key: tuple = (), sources: tuple = ()) -> None:
+        self.key = key
+        self.sources = sources  # keeps the memory of the parameters it derives from allocated
+        self.entries: dict = {}
+
+    def __reduce__(self):  # copies and pickles start empty
+        return (_InferenceCache, ())
+
+
+def _inference_cache(module: nn.Module, sources: list[torch.Tensor]) -> dict:
+    """The inference cache of ``module``, emptied first if any of ``sources`` changed since it was
+    filled."""
+    key = (_optimizer_steps, *((t.data_ptr(), t._version) for t in sources))
+    cache = module.__dict__.get("_inference_cache")
+    if cache is None or cache.key != key:
+        cache = _InferenceCache(key, tuple(t.detach() for t in sources))
+        module.__dict__["_inference_cache"] = cache
+    return cache.entries
+
+
+def drop_inference_cache(module: nn.Module) -> None:
+    """Forget the inference form of ``module``'s weights (its own, not its submodules')."""
+    module.__dict__.pop("_inference_cache", None)
+
+
+def _packed(cache: dict, name: str, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` (out, in) in oneDNN's layout for a product over ``rows`` rows, kept in ``cache``
+    for the last row count it was asked for; the plain weight above ``_PACK_MAX_ROWS`` rows."""
+    if rows > _PACK_MAX_ROWS or not _ONEDNN_PACK or weight.dtype != torch.float32:
+        return weight
+    entry = cache.get(name)
+    if entry is None or entry[0] != rows:
+        entry = cache[name] = (rows, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+    return entry[1]
+
+
+def embed_conv(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``embed.proj(x)`` (an ``nn.Conv2d``) over channels-last ``x``; in CPU float32 inference by
+    oneDNN with the weight reordered once for ``x``'s size, where the convolution reorders it on
+    every call. The same convolution: for some sizes oneDNN picks another kernel for the reordered
+    weight, which sums in another order (float rounding)."""
+    conv = embed.proj
+    if (embed.training or not _ONEDNN_CONV or not _onednn_inference(x) or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str) or conv.weight.dtype != torch.float32
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return conv(x)
+    cache = _inference_cache(embed, [conv.weight])
+    size = tuple(x.shape)
+    entry = cache.get("weight")
+    if entry is None or entry[0] != size:
+        weight = torch.ops.mkldnn._reorder_convolution_weight(
+            conv.weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(size))
+        entry = cache["weight"] = (size, weight)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, entry[1], conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [],
+        "")
+
+
+# --- int8 products ---------------------------------------------------------------------------------
+#
+# The blocks and mixers whose ``int8`` attribute is set (:func:`cyclemlp.quantize_int8`) multiply by
+# int8 weights in CPU float32 inference (post-training dynamic quantization, as PyTorch's
+# ``quantize_dynamic`` does it): each weight is quantized once, one symmetric scale per output
+# channel, and packed with its bias for FBGEMM, in the module's inference cache beside the float32
+# forms (so it follows the weights the same way); each product quantizes its input on every call,
+# one scale over the whole input, to 7 bits (``reduce_range``: with 8-bit inputs the AVX2 kernels'
+# 16-bit pairwise sums can saturate), and returns float32.
+
+_INT8_ENGINE = next((e for e in ("fbgemm", "x86") if e in torch.backends.quantized.supported_engines), None)
+
+
+def check_int8() -> None:
+    """Raise RuntimeError unless this PyTorch has FBGEMM's int8 kernels (its x86 builds do)."""
+    if _INT8_ENGINE is None or not hasattr(torch.ops.quantized, "linear_dynamic"):
+        raise RuntimeError(
+            "int8 inference needs PyTorch's FBGEMM quantized engine (x86 CPUs), which this PyTorch lacks "
+            f"(its quantized engines: {', '.join(torch.backends.quantized.supported_engines)})")
+
+
+@contextlib.contextmanager
+def _quantized_engine():
+    """PyTorch's quantized engine set to FBGEMM's while weights are packed: the packed form, not the
+    engine of the moment, picks the kernels of the products."""
+    check_int8()
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = _INT8_ENGINE
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _int8_packed(layer: nn.Module) -> torch.ScriptObject:
+    """``layer.weight`` (out, in) in int8 with the scales of PyTorch's per-channel dynamic
+    quantization (``max |w_o| / 127.5``), packed with ``layer.bias`` for FBGEMM."""
+    weight = layer.weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps)
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    with _quantized_engine(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        weight = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+                                            torch.qint8)
+        return torch.ops.quantized.linear_prepack(weight, bias)
+
+
+def _linear_int8(rows: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    """``rows @ W^T + b`` (float32) by FBGEMM from the packed int8 weight, ``rows`` quantized on the
+    fly to 7 bits."""
+    return torch.ops.quantized.linear_dynamic(rows, packed, True)
+
+
 # --- the CycleMLP block ----------------------------------------------------------------------------
 
 
 def cycle_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a ``CycleBlock`` (``norm1``, ``mixer``, ``norm2``, ``mlp``, ``drop_path``).
-    In CPU inference the residual adds ride on the last product of the mixer and of the MLP."""
+    In CPU inference the residual adds ride on the last product of the mixer and of the MLP (or
+    follow it, with int8 products: the block's and the mixer's ``int8``)."""
     if not block.training and _onednn_inference(x):
-        x = _mixer(block.mixer, block.norm1(x), residual=x, onednn=True)
-        return _channel_mlp(block.mlp, block.norm2(x), residual=x, onednn=True)
+        norm1, norm2 = block.norm1, block.norm2
+        x = _mixer(block.mixer, F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps),
+                   residual=x, onednn=True)
+        y = F.layer_norm(x, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps)
+        cache = _inference_cache(block, _mlp_sources(block))
+        if getattr(block, "int8", False):
+            return _channel_mlp_int8(block.mlp, y, x, cache)
+        return _channel_mlp(block.mlp, y, residual=x, onednn=True, cache=cache)
     x = x + block.drop_path(_mixer(block.mixer, block.norm1(x)))
     return x + block.drop_path(_channel_mlp(block.mlp, block.norm2(x)))
 
@@ -86,12 +256,16 @@ def _mixer(
 
 
 def cycle_mixer(
-    mixer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    mixer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool | None = None
 ) -> torch.Tensor:
     """The forward of a ``CycleMixer`` over ``x`` (B, H, W, C), plus ``residual`` if given;
-    ``onednn``: CPU float32 inference (see :func:`_linear`)."""
+    ``onednn``: CPU float32 inference (see :func:`_linear`; None: whenever that applies)."""
+    if onednn is None:
+        onednn = not mixer.training and _onednn_inference(x)
+    if onednn:
+        return _mixer_inference(mixer, x, residual)
     batch, height, width, dim = x.shape
-    layers = [fc for fc in (mixer.width_fc, mixer.height_fc, mixer.channel_fc) if fc is not None]
+    layers = _branch_layers(mixer)
     n = len(layers)
     weight = torch.cat([fc.weight for fc in layers], dim=1)  # (C, n*C)
     bias = torch.stack(
@@ -101,15 +275,140 @@ def cycle_mixer(
     parts = [_shifted(x, o).reshape(batch, height * width, dim) for o in offsets]
     # mean over positions of the summed branch outputs, without computing them
     pooled = F.linear(torch.cat([part.mean(dim=1) for part in parts], dim=1), weight, bias.sum(dim=1))
-    # reweight's output index is channel * n + branch. The softmax over the n branches is taken
-    # across a (B, n, C) view: over a last dimension of size 3 it is an order of magnitude slower.
-    a = mixer.reweight(pooled).reshape(batch, dim, n).transpose(1, 2).softmax(dim=1).transpose(1, 2)  # (B, C, n)
+    a = _coefficients(mixer.reweight, pooled, n)
     fold = dim <= _FOLD_MAX_DIM
     if torch.is_grad_enabled():
         out = _MixParts.apply(x, offsets, a, weight, bias, fold, *parts)
     else:
-        out = _mix_parts(parts, a, weight, bias, fold, onednn)
-    return _linear(out.view(batch, height, width, dim), mixer.proj, residual=residual, onednn=onednn)
+        out = _mix_parts(parts, a, weight, bias, fold)
+    return _linear(out.view(batch, height, width, dim), mixer.proj, residual=residual)
+
+
+def _branch_layers(mixer: nn.Module) -> list[nn.Module]:
+    return [fc for fc in (mixer.width_fc, mixer.height_fc, mixer.channel_fc) if fc is not None]
+
+
+def _coefficients(reweight: nn.Module, pooled: torch.Tensor, n: int) -> torch.Tensor:
+    """The branch weights ``a`` (B, C, n): softmax over the branches of ``reweight(pooled)``
+    (timm's ``Mlp``: Linear, exact GELU, Linear), whose output index is channel * n + branch. The
+    softmax over the n branches is taken across a (B, n, C) view: over a last dimension of size 3
+    it is an order of magnitude slower."""
+    fc1, fc2 = reweight.fc1, reweight.fc2
+    logits = F.linear(F.gelu(F.linear(pooled, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    return logits.reshape(pooled.shape[0], -1, n).transpose(1, 2).softmax(dim=1).transpose(1, 2)
+
+
+def _mixer_inference(mixer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """:func:`cycle_mixer` in CPU float32 inference, from the cached inference form of the weights.
+
+    One image at a time the mixing takes the cheaper order for its width. Narrow (C <= 128): the
+    per-image folded weights are plain matrices, so the projection folds into them too,
+    ``P diag(a_k) W_k`` (n C^3 multiply-adds against a product of N C^2 saved, N the positions),
+    and the branches accumulate through oneDNN products with the residual inside. Wide: the branch
+    outputs ``y_k`` first, and the pooled mean from them as the readable form does (no product over
+    the weights for the mean)."""
+    batch, height, width, dim = x.shape
+    positions, rows = height * width, batch * height * width
+    layers = _branch_layers(mixer)
+    n = len(layers)
+    proj = mixer.proj
+    cache = _inference_cache(mixer, [t for fc in (*layers, proj) for t in (fc.weight, fc.bias) if t is not None])
+    if getattr(mixer, "int8", False):
+        return _mixer_int8(mixer, layers, x, residual, cache)
+    form = cache.get("branches")
+    if form is None:
+        form = cache["branches"] = _branch_form(layers)
+    weight, bias, stacked, biases, offsets = form
+    parts = [_shifted(x, o).view(batch, positions, dim) for o in offsets]
+    res = None if residual is None else residual.reshape(rows, dim)
+    mk = torch.ops.mkldnn
+    if dim <= _FOLD_MAX_DIM:
+        pooled = F.linear(torch.cat([part.mean(dim=1) for part in parts], dim=1), weight, _bias_sum(cache, bias))
+        a = _coefficients(mixer.reweight, pooled, n)
+        if batch > 1:
+            out = _mix_parts(parts, a, weight, bias, True)
+            return _linear(out.view(batch, height, width, dim), proj, residual=residual, onednn=True,
+                           weight=_packed(cache, "proj", proj.weight, rows))
+        coefficients = a[0]  # (C, n)
+        folded = torch.matmul(proj.weight, stacked * coefficients.t().unsqueeze(-1))  # (n, C, C): P diag(a_k) W_k
+        folded_bias = (coefficients * bias).sum(dim=-1)
+        folded_bias = proj.weight @ folded_bias if proj.bias is None else torch.addmv(proj.bias, proj.weight,
+                                                                                    folded_bias)
+        out = res
+        for k, part in enumerate(parts):
+            rows_k, b = part.view(rows, dim), folded_bias if k == 0 else None
+            if out is None:
+                out = mk._linear_pointwise(rows_k, folded[k], b, "none", [], "")
+            else:
+                out = mk._linear_pointwise.binary(rows_k, out, folded[k], b, "add")
+        return out.view(batch, height, width, dim)
+    products = [_packed(cache, f"branch{k}", stacked[k], rows) for k in range(n)]
+    if batch > 1:
+        pooled = F.linear(torch.cat([part.mean(dim=1) for part in parts], dim=1), weight, _bias_sum(cache, bias))
+        a = _coefficients(mixer.reweight, pooled, n)
+        out = None
+        for k, part in enumerate(parts):
+            y = mk._linear_pointwise(part.view(rows, dim), products[k], biases[k], "none", [], "")
+            scale = a[:, None, :, k]
+            y = y.view(batch, positions, dim)
+            out = y.mul_(scale) if out is None else out.addcmul_(y, scale)
+    else:
+        ys = [mk._linear_pointwise(part.view(rows, dim), products[k], biases[k], "none", [], "")
+              for k, part in enumerate(parts)]
+        total = ys[0]
+        for y in ys[1:]:
+            total = total + y
+        a = _coefficients(mixer.reweight, total.mean(dim=0, keepdim=True), n)[0]  # (C, n)
+        out = ys[0].mul_(a[:, 0])
+        for k in range(1, n):
+            out.addcmul_(ys[k], a[:, k])
+    return _linear(out.view(batch, height, width, dim), proj, residual=residual, onednn=True,
+                   weight=_packed(cache, "proj", proj.weight, rows))
+
+
+def _mixer_int8(
+    mixer: nn.Module, layers: list[nn.Module], x: torch.Tensor, residual: torch.Tensor | None, cache: dict
+) -> torch.Tensor:
+    """:func:`_mixer_inference` with int8 products (the branches and the projection; the small
+    reweighting MLP stays float32). The branch outputs first at every width and batch (folded
+    weights would be packed anew on every call); the pooled mean, the coefficients and the weighted
+    sum in float32 from them; the residual added after the projection."""
+    batch, height, width, dim = x.shape
+    rows = batch * height * width
+    form = cache.get("int8")
+    if form is None:
+        form = cache["int8"] = ([_int8_packed(fc) for fc in layers], _int8_packed(mixer.proj))
+    branches, proj = form
+    ys = [_linear_int8(_shifted(x, fc.offsets if isinstance(fc, CycleFC) else None).reshape(rows, dim),
+                       packed).view(batch, height * width, dim) for fc, packed in zip(layers, branches)]
+    pooled = ys[0].mean(dim=1)
+    for y in ys[1:]:
+        pooled += y.mean(dim=1)
+    a = _coefficients(mixer.reweight, pooled, len(ys))  # (B, C, n)
+    out = ys[0].mul_(a[:, None, :, 0])
+    for k in range(1, len(ys)):
+        out.addcmul_(ys[k], a[:, None, :, k])
+    out = _linear_int8(out.view(rows, dim), proj)
+    if residual is not None:
+        out += residual.reshape(rows, dim)
+    return out.view(batch, height, width, dim)
+
+
+def _branch_form(layers: list[nn.Module]) -> tuple:
+    """The branch weights side by side (C, n*C), their biases (C, n), stacked (n, C, C), one by one
+    (contiguous) and the shifts' offsets (None for the channel FC)."""
+    stacked = torch.stack([fc.weight.detach() for fc in layers])
+    weight = stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1)
+    biases = [fc.bias.detach() if fc.bias is not None else stacked.new_zeros(stacked.shape[1]) for fc in layers]
+    offsets = tuple(fc.offsets if isinstance(fc, CycleFC) else None for fc in layers)
+    return weight, torch.stack(biases, dim=1), stacked, biases, offsets
+
+
+def _bias_sum(cache: dict, bias: torch.Tensor) -> torch.Tensor:
+    total = cache.get("bias_sum")
+    if total is None:
+        total = cache["bias_sum"] = bias.sum(dim=1)
+    return total
 
 
 def _shifted(x: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
@@ -125,8 +424,7 @@ def _folded(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[
 
 
 def _mix_parts(
-    parts: list[torch.Tensor], a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool,
-    onednn: bool = False,
+    parts: list[torch.Tensor], a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: bool
 ) -> torch.Tensor:
     """``sum_k a[:, None, :, k] * (S_k @ W_k^T + b_k)`` over the branch inputs ``S_k`` (B, N, C);
     ``weight`` (C, n*C) holds the branch weights side by side, ``bias`` (C, n), ``a`` (B, C, n)."""
@@ -144,11 +442,7 @@ def _mix_parts(
     for k, part in enumerate(parts):
         rows = part.reshape(batch * positions, dim)
         w, b = weight[:, k * dim:(k + 1) * dim], bias[:, k]
-        if onednn:
-            y = torch.ops.mkldnn._linear_pointwise(rows, w.contiguous(), b.contiguous(), "none", [], "")
-        else:
-            y = F.linear(rows, w, b)
-        y = y.view(batch, positions, dim)
+        y = F.linear(rows, w, b).view(batch, positions, dim)
         scale = a[:, None, :, k]
         out = y * scale if out is None else out.addcmul_(y, scale)
     return out
@@ -278,29 +572,60 @@ def _mlp_chunk_rows(rows: int, hidden: int) -> int:
     return max(64, _MLP_CHUNK_ELEMENTS // max(hidden, 1))
 
 
+def _mlp_sources(block: nn.Module) -> list[torch.Tensor]:
+    return [t for fc in (block.mlp.fc1, block.mlp.fc2) for t in (fc.weight, fc.bias) if t is not None]
+
+
 def _channel_mlp(
-    mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False
+    mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, onednn: bool = False,
+    cache: dict | None = None,
 ) -> torch.Tensor:
-    """``mlp.fc2(GELU(mlp.fc1(x)))`` (timm's ``Mlp`` without dropout or norm) plus ``residual``."""
+    """``mlp.fc2(GELU(mlp.fc1(x)))`` (timm's ``Mlp`` without dropout or norm) plus ``residual``;
+    ``cache``: an inference cache to keep the oneDNN layouts of the weights in."""
     rows = x.reshape(-1, x.shape[-1])
     fc1, fc2 = mlp.fc1, mlp.fc2
     if onednn:
         res = None if residual is None else residual.reshape(-1, residual.shape[-1])
         step = _mlp_chunk_rows(rows.shape[0], fc1.out_features)
+        w1 = w2 = None
+        if cache is not None:
+            size = min(step, rows.shape[0])
+            w1, w2 = _packed(cache, "fc1", fc1.weight, size), _packed(cache, "fc2", fc2.weight, size)
         if rows.shape[0] <= step:
-            out = _linear(_linear(rows, fc1, gelu=True, onednn=True), fc2, residual=res, onednn=True)
+            out = _linear(_linear(rows, fc1, gelu=True, onednn=True, weight=w1), fc2, residual=res, onednn=True,
+                          weight=w2)
         else:
             out = rows.new_empty(rows.shape[0], fc2.out_features)
             for start in range(0, rows.shape[0], step):
                 chunk = slice(start, start + step)
-                out[chunk] = _linear(_linear(rows[chunk], fc1, gelu=True, onednn=True), fc2,
-                                     residual=None if res is None else res[chunk], onednn=True)
+                out[chunk] = _linear(_linear(rows[chunk], fc1, gelu=True, onednn=True, weight=w1), fc2,
+                                     residual=None if res is None else res[chunk], onednn=True, weight=w2)
         return out.view(*x.shape[:-1], fc2.out_features)
     if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
         out = _ChunkedMlp.apply(rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias).view(*x.shape[:-1], -1)
     else:
         out = mlp(x)
     return out if residual is None else residual + out
+
+
+def _channel_mlp_int8(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor, cache: dict) -> torch.Tensor:
+    """:func:`_channel_mlp` in CPU float32 inference with int8 products (see :func:`_int8_packed`);
+    the exact GELU and the residual add run after them, in place."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    form = cache.get("int8")
+    if form is None:
+        form = cache["int8"] = (_int8_packed(fc1), _int8_packed(fc2))
+    rows, res = x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1])
+    step = _mlp_chunk_rows(rows.shape[0], fc1.out_features)
+    if rows.shape[0] <= step:
+        out = _linear_int8(torch.ops.aten.gelu_(_linear_int8(rows, form[0])), form[1]).add_(res)
+    else:
+        out = rows.new_empty(rows.shape[0], fc2.out_features)
+        for start in range(0, rows.shape[0], step):
+            chunk = slice(start, start + step)
+            hidden = torch.ops.aten.gelu_(_linear_int8(rows[chunk], form[0]))
+            torch.add(res[chunk], _linear_int8(hidden, form[1]), out=out[chunk])
+    return out.view(*x.shape[:-1], fc2.out_features)
 
 
 class _ChunkedMlp(torch.autograd.Function):

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..layers.config import fused_applies, use_fused
 from ..layers.cycle_fc import CycleFC, Pattern, normalize_stepsize
-from ..layers.kernels import cycle_block, cycle_mixer
+from ..layers.kernels import cycle_block, cycle_mixer, drop_inference_cache, embed_conv
 from .checkpoint import checkpoint_filter_fn, load_checkpoint
 
 __all__ = ["CycleMLP", "CycleMixer", "CycleBlock", "MODEL_CONFIGS", "ModelConfig", "BRANCHES", "create"]
@@ -100,6 +100,9 @@ class CycleMixer(nn.Module):
     ``branches`` selects a subset of the three branches (for ablations). With ``fused`` set
     (default :func:`~cyclemlp.layers.config.use_fused`) the forward runs
     :func:`cyclemlp.layers.kernels.cycle_mixer`, the same function without the branch outputs.
+    With ``int8`` also set (default off; :func:`cyclemlp.quantize_int8`), CPU float32 inference
+    multiplies by int8 dynamic-quantized branch and projection weights: close to, not equal to, the
+    float32 function.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class CycleMixer(nn.Module):
         self.dim = dim
         self.branches = branches
         self.fused = use_fused()
+        self.int8 = False
         width_step, height_step = branch_stepsizes(stepsize)
         self.width_fc = CycleFC(dim, dim, width_step, pattern, **dd) if "width" in branches else None
         self.height_fc = CycleFC(dim, dim, height_step, pattern, **dd) if "height" in branches else None
@@ -145,13 +149,19 @@ class CycleMixer(nn.Module):
         a = self.reweight(branches.sum(dim=-1).mean(dim=(1, 2))).reshape(batch, 1, 1, dim, -1).softmax(dim=-1)
         return self.proj((a * branches).sum(dim=-1))  # proj(a_h * h + a_w * w + a_c * c)
 
+    def train(self, mode: bool = True) -> "CycleMixer":
+        drop_inference_cache(self)  # the fused kernels' inference form of the weights: rebuilt when next needed
+        return super().train(mode)
+
 
 class CycleBlock(nn.Module):
     """Pre-norm CycleMLP block: token mixer then channel MLP, each residual with drop path.
 
     With ``fused`` set (default :func:`~cyclemlp.layers.config.use_fused`) the forward runs
     :func:`cyclemlp.layers.kernels.cycle_block`, the same function with the mixer's and the MLP's
-    fused kernels.
+    fused kernels. With ``int8`` also set (default off; :func:`cyclemlp.quantize_int8`), CPU
+    float32 inference runs the channel MLP's products in int8 (dynamic quantization); the mixer
+    follows its own ``int8``.
     """
 
     def __init__(
@@ -168,6 +178,7 @@ class CycleBlock(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fused = use_fused()
+        self.int8 = False
         self.norm1 = nn.LayerNorm(dim, **dd)
         self.mixer = CycleMixer(dim, stepsize, pattern, branches, **dd)
         self.norm2 = nn.LayerNorm(dim, **dd)
@@ -181,11 +192,18 @@ class CycleBlock(nn.Module):
         x = x + self.drop_path(self.mixer(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def train(self, mode: bool = True) -> "CycleBlock":
+        drop_inference_cache(self)  # the fused kernels' inference form of the weights: rebuilt when next needed
+        return super().train(mode)
+
 
 class ConvEmbed(nn.Module):
     """Strided convolution from channels-last (or an NCHW image) to channels-last, optional LN.
 
-    Used as the stem of both layouts and as the downsampling of the ``pvt`` layout.
+    Used as the stem of both layouts and as the downsampling of the ``pvt`` layout. With ``fused``
+    set (default :func:`~cyclemlp.layers.config.use_fused`) the convolution runs
+    :func:`cyclemlp.layers.kernels.embed_conv`: in CPU inference the same convolution with its
+    weight reordered for oneDNN once instead of on every call.
     """
 
     def __init__(
@@ -195,6 +213,7 @@ class ConvEmbed(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.channels_last_input = channels_last_input
+        self.fused = use_fused()
         self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding, **dd)
         self.norm = nn.LayerNorm(dim, **dd) if norm else nn.Identity()
 
@@ -203,7 +222,14 @@ class ConvEmbed(nn.Module):
             x = x.permute(0, 3, 1, 2)  # an NCHW view of NHWC memory: conv keeps that format
         else:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.fused and not torch.jit.is_scripting():
+            if fused_applies(self, x):
+                return self.norm(embed_conv(self, x).permute(0, 2, 3, 1))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+    def train(self, mode: bool = True) -> "ConvEmbed":
+        drop_inference_cache(self)  # the fused kernels' inference form of the weights: rebuilt when next needed
+        return super().train(mode)
 
 
 class CycleStage(nn.Module):

@@ -7,6 +7,8 @@
 * :func:`predict` — top-k classes of image files, named by the checkpoint's classes (ImageNet
   names for 1000-class weights).
 
+Both take ``int8=True`` for the opt-in int8 CPU inference of :func:`cyclemlp.quantize_int8`.
+
 Models are rebuilt from their files by :func:`cyclemlp.models.factory.model_from_checkpoint`: a
 project checkpoint records how it was made, so ``--checkpoint`` alone suffices for it; other files
 need ``--model``.
@@ -140,6 +142,22 @@ def _eval_classes(model_classes: int, run: Mapping[str, Any] | None, dataset: st
     return None
 
 
+def _int8_device(device: str | torch.device, amp: bool = False) -> str:
+    """The device of int8 inference: the CPU, which ``"auto"`` then means. Another device, mixed
+    precision or a PyTorch without the int8 kernels is a ValueError."""
+    from ..layers.kernels import check_int8
+
+    if str(device) != "auto" and str(device).split(":")[0] != "cpu":
+        raise ValueError(f"int8 inference runs on the CPU only; got device {str(device)!r}")
+    if amp:
+        raise ValueError("int8 inference runs in float32; it does not combine with mixed precision (amp)")
+    try:
+        check_int8()
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    return "cpu" if str(device) == "auto" else str(device)
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike | None,
     dataset: str | None = None,
@@ -159,11 +177,16 @@ def evaluate_checkpoint(
     strict: bool = False,
     amp: bool = False,
     progress: bool = True,
+    int8: bool = False,
 ) -> EvalResult:
     """Top-1/top-5, loss and img/s of a checkpoint on a dataset split (default: the evaluation
-    split, ``test`` for built-in datasets and ``val`` for folders). Runs under torchrun too."""
+    split, ``test`` for built-in datasets and ``val`` for folders). Runs under torchrun too.
+    ``int8``: with the int8 products of :func:`cyclemlp.quantize_int8`, on the CPU."""
     from ..data import build_dataset, build_loader, build_transform, default_splits
+    from ..models.int8 import quantize_int8
 
+    if int8:
+        device = _int8_device(device, amp)
     if dataset is None and data is None:
         raise ValueError("no dataset given: pass --dataset NAME (built-in) or --data DIR (image folder)")
     if batch_size < 1:
@@ -183,10 +206,12 @@ def evaluate_checkpoint(
         loader = build_loader(ds, batch_size, False, dist.rank, dist.world_size, workers=workers,
                               pin_memory=dist.device.type == "cuda")
         net.to(dist.device)
+        if int8:
+            quantize_int8(net)
         autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16 if dist.device.type == "cpu"
                                            else torch.float16)) if amp else contextlib.nullcontext
         engine.print0(f"evaluating on {data or dataset} ({split}, {len(ds)} images), input {cfg['input_size']}, "
-                      f"crop {cfg['crop_pct']}, {cfg['interpolation']}", dist=dist)
+                      f"crop {cfg['crop_pct']}, {cfg['interpolation']}{', int8' if int8 else ''}", dist=dist)
         return evaluate(net, loader, dist, autocast=autocast, progress=progress)
     finally:
         if joined:
@@ -228,15 +253,20 @@ def predict(
     interpolation: str | None = None,
     device: str = "auto",
     use_ema: bool = False,
+    int8: bool = False,
 ) -> list[Prediction]:
     """Top-``topk`` classes of image files (folders stand for the images inside), with names and
     probabilities. An input that is missing or unreadable gets a :class:`Prediction` with
-    ``error`` set (those come first); the others are predicted all the same."""
+    ``error`` set (those come first); the others are predicted all the same. ``int8``: with the
+    int8 products of :func:`cyclemlp.quantize_int8`, on the CPU."""
     from PIL import Image, UnidentifiedImageError
 
     from ..data import build_transform
     from ..data.folder import image_inputs
+    from ..models.int8 import quantize_int8
 
+    if int8:
+        device = _int8_device(device)
     if not images:
         raise ValueError("no images given")
     if topk < 1:
@@ -245,6 +275,8 @@ def predict(
     dev = engine.resolve_device(device)
     net, run, _ = model_from_checkpoint(checkpoint, model, model_kwargs, pretrained=pretrained, use_ema=use_ema)
     net.to(dev)
+    if int8:
+        quantize_int8(net)
     cfg = data_config(net, run, img_size, crop_pct, interpolation)
     transform = build_transform(cfg, False)
     mode = "L" if cfg["input_size"][0] == 1 else "RGB"
