@@ -157,9 +157,9 @@ def bench_latency(names: list[str], threads: int, count: int, cost: dict[str, in
 # --- where the time goes ---------------------------------------------------------------------------
 
 
-def bench_breakdown(name: str, steps: int) -> dict:
-    """Operator self time by kind at batch 1, one thread, and the wall time outside operators."""
-    torch.set_num_threads(1)
+def bench_breakdown(name: str, steps: int, threads: int) -> dict:
+    """Operator self time by kind at batch 1, and the wall time outside operators."""
+    torch.set_num_threads(threads)
     model = build(name)
     x = torch.randn(1, 3, 224, 224)
     call = _inference(model, x)
@@ -174,7 +174,7 @@ def bench_breakdown(name: str, steps: int) -> dict:
     kinds = breakdown(timed, steps, top)
     profiled = sum(elapsed[1:]) / steps  # the first call is breakdown's unprofiled warm-up
     wall = min(rounds({"model": call}, max(steps, 5))["model"])
-    return dict(model=name, wall_ms=wall * 1e3, profiled_ms=profiled * 1e3,
+    return dict(model=name, threads=threads, wall_ms=wall * 1e3, profiled_ms=profiled * 1e3,
                 kinds={kind: seconds * 1e3 for kind, seconds in kinds.items()},
                 outside_ms=max(profiled - sum(kinds.values()), 0.0) * 1e3,
                 everything_else_top={k: v * 1e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:6]})
@@ -348,20 +348,23 @@ def report(results: dict) -> str:
         parts += [table(section["goals"], ["ours", "peer", "ratio", "round spread", "goal", "met"]), "",
                   table(section["others"], ["ours", "peer", "ratio", "round spread"])]
     if results.get("breakdown"):
-        parts += ["", "## Where the batch-1 time goes (one thread)", "",
+        parts += ["", "## Where the batch-1 time goes", "",
                   "ms per image: the fastest unprofiled call (wall), the profiled call (profiled; the profiler "
                   "adds some time per operator), the operators' self time by kind within it, and the rest of "
                   "the profiled call, outside any operator: Python and dispatch.", ""]
         rows = []
         for item in results["breakdown"]:
-            row = {"model": item["model"], "wall": item["wall_ms"], "profiled": item["profiled_ms"]}
+            row = {"model": item["model"], "threads": item.get("threads", 1), "wall": item["wall_ms"],
+                   "profiled": item["profiled_ms"]}
             row.update({kind: item["kinds"][kind] for kind in KINDS if kind != "optimizer step"})
             row["outside operators"] = item["outside_ms"]
             rows.append(row)
-        parts.append(table(rows, ["model", "wall", "profiled", *[k for k in KINDS if k != "optimizer step"],
+        parts.append(table(rows, ["model", "threads", "wall", "profiled", *[k for k in KINDS if k != "optimizer step"],
                                   "outside operators"]))
         for item in results["breakdown"]:
-            parts.append(f"\n{item['model']}, largest of everything else (ms): " + ", ".join(
+            if item.get("threads", 1) != 1:
+                continue
+            parts.append(f"\n{item['model']}, one thread, largest of everything else (ms): " + ", ".join(
                 f"`{name}` {ms:.2f}" for name, ms in item["everything_else_top"].items()))
     if results.get("int8"):
         parts += ["", "## int8 (`cyclemlp.quantize_int8`) against fp32, batch 1", "",
@@ -447,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch 1, {threads} thread(s) ...", flush=True)
         results["latency"].append(bench_latency(names, threads, args.rounds, cost))
     print("breakdown ...", flush=True)
-    results["breakdown"] = [bench_breakdown(name, 3) for name in (["cyclemlp_b1"] if args.quick else OURS[:2])]
+    profiled = ["cyclemlp_b1"] if args.quick else ["cyclemlp_b1", "poolformer_s12", "cyclemlp_b2", "convnext_tiny"]
+    results["breakdown"] = [bench_breakdown(name, 3, threads) for threads in args.threads for name in profiled]
     print("int8 ...", flush=True)
     results["int8"] = bench_int8(["cyclemlp_b1"] if args.quick else OURS[:2], args.threads, args.rounds)
     if args.fashion_run:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cyclemlp.analysis.memory import cpu_peak_supported, peak_memory
-from cyclemlp.analysis.resolutions import loglog_slope, run_resolutions
+from cyclemlp.analysis.resolutions import loglog_slope, measure_size, run_resolutions
 from cyclemlp.cli import main
 from cyclemlp.cli._args import parse_size
 
@@ -48,6 +48,19 @@ def test_cpu_peak_memory_sees_torch_allocations():
     measured = peak_memory(allocate)
     assert 0.9 * size <= measured <= 1.6 * size
     assert peak_memory(lambda: None) < 0.25 * size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not cpu_peak_supported(),
+                    reason="needs /proc/self/clear_refs")
+def test_peak_memory_is_the_pass_not_what_the_model_keeps():
+    # CycleMLP keeps its weights' inference form (about one more copy of them) from its first eval
+    # call on: the warm-up pass builds it, so a 64x64 pass's peak is its activations alone
+    import timm
+
+    model = timm.create_model("cyclemlp_b1").eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = measure_size(model, "cyclemlp_b1", (64, 64), repeats=1)
+    assert result.error is None and result.peak_mem_mb * 2**20 < 0.25 * weights
 
 
 def test_loglog_slope():

@@ -74,7 +74,9 @@ def measure_size(
 ) -> SizeResult:
     """Measure one model at one input size.
 
-    The FLOP count's forward pass doubles as the warm-up; then one pass measures peak memory and
+    After the FLOP count, one unmeasured pass warms up (a model may derive state from its weights
+    on its first call at a size, as CycleMLP's inference form does: memory the model keeps, not
+    the cost of a pass); then one pass measures peak memory and
     ``repeats`` passes the latency (median, milliseconds per batch) in wall-clock time and in
     CPU time of this process (all its threads summed: with one thread, the compute time whatever
     else the machine runs). GMACs are per image in the
@@ -91,6 +93,7 @@ def measure_size(
         result.error = _error_text(err)
         return result
     result.gmacs = round(macs / 1e9, 4)
+    model(x)
     peak = peak_memory(lambda: model(x), device)
     result.peak_mem_mb = None if peak is None else round(peak / 2**20, 1)
     times, cpu_times = [], []
