@@ -137,11 +137,30 @@ def remove_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+# Descriptors of the run folders this process holds locked. A forked child (a DataLoader worker)
+# closes its copies at once: a lock shared with a child would outlive a killed trainer for as long
+# as its workers take to notice, and refuse the resume meanwhile.
+_LOCKED: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in _LOCKED:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCKED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
 @contextlib.contextmanager
 def lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on a run folder: a second process training the same folder stops
     with a clear error instead of interleaving its files. (No lock file is created; the lock goes
-    with the process.)"""
+    with the process, not with its forked children.)"""
     try:
         import fcntl
     except ImportError:  # not on Windows
@@ -155,8 +174,10 @@ def lock(folder: Path) -> Iterator[None]:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ValueError(f"{folder} is being trained by another process; wait for it to end") from err
             raise
+        _LOCKED.add(fd)
         yield
     finally:
+        _LOCKED.discard(fd)
         os.close(fd)
 
 
