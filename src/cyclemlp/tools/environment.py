@@ -35,8 +35,12 @@ def machine() -> str:
 def command_line() -> str:
     """The command this process runs, as a user would type it."""
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    if program in ("cyclemlp", "__main__.py"):
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+    if program == "cyclemlp" or module == "cyclemlp":
         return shlex.join(["cyclemlp", *sys.argv[1:]])
+    if module:  # python -m module ...
+        return shlex.join(["python", "-m", module, *sys.argv[1:]])
     return shlex.join(["python", *sys.argv])
 
 
