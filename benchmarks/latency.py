@@ -42,26 +42,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-def _reexec_with_isa(argv: list[str]) -> None:
-    """With ``--isa avx2``, run this benchmark again in a process whose libraries are held to AVX2
-    (they read these variables when they load, so it has to be a new process)."""
-    if "--isa" not in argv or os.environ.get("ONEDNN_MAX_CPU_ISA"):
-        return
-    index = argv.index("--isa")
-    if index + 1 < len(argv) and argv[index + 1] == "avx2":
-        env = dict(os.environ, **AVX2_ENV)
-        sys.exit(subprocess.call([sys.executable, "-m", "benchmarks.latency", *argv], env=env))
-
-
-if __name__ == "__main__":
-    _reexec_with_isa(sys.argv[1:])
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "src", ROOT / "tests"):  # the package, and the authors' formulation in tests/
@@ -76,6 +58,17 @@ from benchmarks.op_breakdown import KINDS, breakdown  # noqa: E402
 from cyclemlp import count_cost  # noqa: E402
 from cyclemlp.io import atomic_write  # noqa: E402
 from cyclemlp.tools.environment import environment  # noqa: E402
+
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def _run_with_avx2(argv: list[str]) -> int:
+    """Run this benchmark again in a process whose libraries are held to AVX2 (they read these
+    variables when they load, so it has to be a new process)."""
+    env = dict(os.environ, **AVX2_ENV)
+    return subprocess.call([sys.executable, "-m", "benchmarks.latency", *argv], env=env, cwd=ROOT)
+
 
 OURS = ["cyclemlp_b1", "cyclemlp_b2", "cyclemlp_t"]
 DEFORM = {"deform_b1": "cyclemlp_b1", "deform_b2": "cyclemlp_b2"}  # the authors' construction
@@ -433,15 +426,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.isa == "avx2" and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
-        _reexec_with_isa(["--isa", "avx2", *(argv if argv is not None else sys.argv[1:])])
+        return _run_with_avx2(argv if argv is not None else sys.argv[1:])
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     names = OURS + list(DEFORM) + PEERS
     if args.quick:
         names, args.rounds, args.threads = ["cyclemlp_b1", "resnet50", "poolformer_s12"], 3, [1]
     env = environment()
-    given = argv if argv is not None else sys.argv[1:]
-    env.update(command=" ".join(["python -m benchmarks.latency", *given]), load_average=round(os.getloadavg()[0], 1),
+    env.update(load_average=round(os.getloadavg()[0], 1),
                isa_limits={k: os.environ[k] for k in AVX2_ENV if k in os.environ})
     results: dict = dict(environment=env)
     cost = {name: flops(name) for name in names}

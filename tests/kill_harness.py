@@ -63,21 +63,16 @@ def _child(argv: list[str], kill: dict | None, events_path: str | None) -> None:
             _kill()
         return handle
 
-    check_finite = engine.check_finite
+    def counted(kind: str, fn):
+        """``fn``, killing the process at its ``kill[kind]``-th call."""
+        def wrapper(*args, **kwargs):
+            count[kind] += 1
+            if kill and kill.get(kind) == count[kind]:
+                _kill()
+            return fn(*args, **kwargs)
+        return wrapper
 
-    def step(*args, **kwargs):
-        count["step"] += 1
-        if kill and kill.get("step") == count["step"]:
-            _kill()
-        return check_finite(*args, **kwargs)
-
-    evaluate = train.evaluate
-
-    def evaluation(*args, **kwargs):
-        count["eval"] += 1
-        if kill and kill.get("eval") == count["eval"]:
-            _kill()
-        return evaluate(*args, **kwargs)
+    step, evaluation = counted("step", engine.check_finite), counted("eval", train.evaluate)
 
     os.replace, tempfile.mkstemp = replace, mkstemp
     engine.check_finite, train.evaluate = step, evaluation
