@@ -420,6 +420,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.turns < 1 or min(args.threads) < 1:
         parser.error("--rounds, --turns and --threads must be positive")
+    if args.fashion_run and not Path(args.fashion_run).exists():
+        parser.error(f"--fashion-run {args.fashion_run}: no such run folder or checkpoint")
+    if args.against and subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
+                                        f"{args.against}^{{commit}}"], capture_output=True).returncode != 0:
+        parser.error(f"--against {args.against}: not a revision of this repository")
     return args
 
 
