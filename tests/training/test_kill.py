@@ -28,7 +28,7 @@ FILES = {"config.json", "last.pth", "best.pth", "metrics.csv", "metrics.json", "
 
 def _harness(root: Path, seed: int, **spec) -> dict:
     root.mkdir(parents=True)
-    spec = dict(argv=[*ARGV, "--seed", str(seed)], root=str(root), **spec)
+    spec = dict(argv=[*ARGV, "--seed", str(seed)], root=str(root), seed=seed, **spec)
     (root / "spec.json").write_text(json.dumps(spec))
     env = dict(cli_env(), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_harness.py"), str(root / "spec.json"),
@@ -103,8 +103,11 @@ def test_a_run_killed_at_any_write_resumes_into_the_uninterrupted_run(tmp_path, 
             assert result["killed"] == -9, f"{name} was not killed"
         assert result["resumed"] == 0, f"{name}: resuming exited with {result['resumed']}: " + (
             tmp_path / "runs" / f"{name}.log").read_text()[-2000:]
-        if result["how"] != "resume":  # only a kill before the record exists leaves nothing to resume
-            assert result["kill"].get("write") == 1 and result["how"] == "restart (resume gave 2)", name
+        if result["how"] != "resume":
+            # only a kill before the record exists leaves nothing to resume: the first write's
+            # "before" phase, or a random moment that fell into a slow start-up
+            assert result["kill"].get("write") == 1 or "delay" in result["kill"], name
+            assert result["how"] == "restart (resume gave 2)", name
         _assert_same_run(tmp_path / "runs" / name, full)
 
 
@@ -112,7 +115,7 @@ def test_a_run_killed_at_any_write_resumes_into_the_uninterrupted_run(tmp_path, 
 @pytest.mark.parametrize("seed", [4, 5])
 def test_kills_in_every_phase_of_every_write_and_at_many_moments(tmp_path, seed):
     results = _harness(tmp_path / "runs", seed, write_phases=["open", "before", "after"], random_delays=12,
-                       seed=seed, scenarios=[dict(name=f"step{n}", kill=dict(step=n)) for n in (1, 2, 3, 4)]
+                       scenarios=[dict(name=f"step{n}", kill=dict(step=n)) for n in (1, 2, 3, 4)]
                        + [dict(name=f"eval{n}", kill=dict(eval=n)) for n in (1, 2)])
     results.pop("full")
     for name, result in results.items():
