@@ -117,6 +117,91 @@ def test_reordered_convolutions_match_readable(layout):
         assert all(_cache_of(embed) is not None for embed in embeds)
 
 
+# --- one image, one native operator per block ----------------------------------------------------------
+
+native_only = pytest.mark.skipif(not kernels.native.available(), reason="the native kernels are not built")
+
+
+def _python_path(monkeypatch, model, x):
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "_native_block", lambda *args: None)
+        return copy.deepcopy(model)(x)
+
+
+@native_only
+@pytest.mark.parametrize("layout", ["pvt", "swin"])
+def test_native_block_equals_the_python_path(layout, monkeypatch):
+    """``torch.ops.cyclemlp.block_inference`` makes the Python path's calls: equal bitwise, for the
+    folded mixing (stages 1-3) and the branch outputs (stage 4), at several sizes."""
+    model = _perturbed(_small_model(layout=layout)).eval()
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    for size in ((64, 64), (52, 44), (97, 33)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            native = model(x)
+            for block in blocks:
+                entry = _cache_of(block).entries["native"]
+                assert entry[1] is not None and entry[1][-1] == (block.mixer.dim <= kernels._FOLD_MAX_DIM)
+            want = _python_path(monkeypatch, model, x)
+        assert torch.equal(native, want)
+        torch.testing.assert_close(native, _readable(model, x), **TOL)
+
+
+@native_only
+def test_native_block_equals_the_python_path_at_b1_widths(monkeypatch):
+    for dim, size in ((64, 56), (320, 14), (512, 7)):
+        block = _perturbed(cyclemlp.CycleBlock(dim)).eval()
+        x = torch.randn(1, size, size, dim)
+        with torch.no_grad():
+            assert torch.equal(block(x), _python_path(monkeypatch, block, x))
+            assert _cache_of(block).entries["native"][1] is not None
+
+
+def _no_proj_bias(block):
+    block.mixer.proj.bias = None
+
+
+@native_only
+@pytest.mark.parametrize("variant", ["int8", "mixer_int8", "two_branches", "no_proj_bias", "mixer_not_fused",
+                                     "hidden_too_large"])
+def test_native_block_steps_aside_where_it_does_not_apply(variant, monkeypatch):
+    branches = ("width", "channel") if variant == "two_branches" else BRANCHES
+    block = _perturbed(cyclemlp.CycleBlock(160, branches=branches)).eval()
+    if variant == "int8":
+        block.int8 = True
+    elif variant == "mixer_int8":
+        block.mixer.int8 = True
+    elif variant == "no_proj_bias":
+        _no_proj_bias(block)
+    elif variant == "mixer_not_fused":
+        block.mixer.fused = False
+    elif variant == "hidden_too_large":
+        monkeypatch.setattr(kernels, "_MLP_WHOLE_MAX_ELEMENTS", 160 * 4 * 6 * 6)
+    x = torch.randn(1, 7, 7, 160)
+    with torch.no_grad():
+        got = block(x)
+        cache = _cache_of(block)
+        assert cache is not None and cache.entries.get("native", (None, None))[1] is None
+        assert torch.equal(got, _python_path(monkeypatch, block, x))
+    if "int8" not in variant:  # int8 products: tests/models/test_int8.py
+        torch.testing.assert_close(got, _readable(block, x), **TOL)
+
+
+def test_model_built_under_inference_mode_runs_and_follows_its_weights():
+    """Parameters made under ``torch.inference_mode`` have no version counter: no cache, and a
+    load of other weights is seen at once."""
+    reference = _perturbed(_small_model()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model = _small_model().eval()
+        model(x)
+        model.load_state_dict(reference.state_dict())
+        got = model(x)
+    assert all(_cache_of(m) is None for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(got, reference(x))
+
+
 # --- the cache follows the weights -------------------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ it off for one module.
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
@@ -40,9 +39,13 @@ def set_fused(enable: bool = True) -> None:
     _USE_FUSED = bool(enable)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+def _hooked_below(module: nn.Module) -> bool:
+    """Whether a submodule of ``module`` (at any depth, not ``module`` itself) has a hook."""
+    for child in module._modules.values():
+        if child is not None and (child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
+                                  or child._backward_pre_hooks or _hooked_below(child)):
+            return True
+    return False
 
 
 def fused_applies(module: nn.Module, x: torch.Tensor) -> bool:
@@ -62,4 +65,4 @@ def fused_applies(module: nn.Module, x: torch.Tensor) -> bool:
         or _get_current_dispatch_mode() is not None
     ):
         return False
-    return not any(_has_hooks(m) for m in itertools.islice(module.modules(), 1, None))
+    return not _hooked_below(module)

@@ -13,9 +13,11 @@ here is private to them. The kernels read the modules' parameters and compute th
   ``a_k[o] * W_k[o, i]``. For training, a custom backward keeps only the mixer input and rebuilds
   the shifted inputs (a shift costs about one copy); the weight and coefficient gradients come
   from per-image products ``g^T @ S_k``, so no branch output is needed there either.
-* CPU inference runs the Linear layers as fused oneDNN kernels (the bias, the exact GELU and the
-  residual adds inside the product); the blocks and mixers whose ``int8`` attribute is set
+* CPU inference runs the Linear layers as fused oneDNN kernels (the bias and the residual adds
+  inside the product); the blocks and mixers whose ``int8`` attribute is set
   (:func:`cyclemlp.quantize_int8`) run them as FBGEMM int8 products instead (dynamic quantization).
+  One image at a time, a float32 block runs as one native operator that makes the same calls
+  (:func:`_native_block`).
 * The channel MLP keeps only its input and the first product for backward (GELU is recomputed),
   and runs everything after the first product in row chunks when its hidden layer is large.
 """
@@ -31,6 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import native
 from .cycle_fc import CycleFC, _fused_shift
 
 __all__ = ["check_int8", "cycle_block", "cycle_mixer", "drop_inference_cache", "embed_conv"]
@@ -55,16 +58,16 @@ def _linear(
 ) -> torch.Tensor:
     """``layer(x)``, then an exact GELU or ``+ residual`` if asked; with ``onednn`` one oneDNN kernel
     (the fused linear kernels of PyTorch's own CPU compiler), which skips the bias broadcast copy
-    and the separate elementwise pass, multiplying by ``weight`` if given (``layer.weight`` in
-    the layout of :func:`_packed`)."""
+    and adds the residual inside the product, multiplying by ``weight`` if given (``layer.weight``
+    in the layout of :func:`_packed`). The GELU follows in place: oneDNN's fused GELU is no faster
+    with AVX-512 and slower with AVX2."""
     if onednn:
         if weight is None:
             weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+        return torch.ops.aten.gelu_(out) if gelu else out
     out = F.linear(x, layer.weight, layer.bias)
     if gelu:
         out = F.gelu(out)
@@ -89,6 +92,8 @@ def _linear(
 #   replacement while it lives;
 # * fused optimizers (``AdamW(fused=True)``) update in place without bumping the version counter:
 #   a global optimizer-step hook counts the steps of every optimizer in the process.
+# Parameters created under ``torch.inference_mode`` have no version counter: such a module keeps no
+# cache and derives the inference form on every call.
 # ``train()`` and ``eval()`` drop the cache (also the way to refresh it after writing through
 # ``param.data``, which bypasses the version counter), and copies and pickles of a module leave it
 # behind.
@@ -124,7 +129,10 @@ class _InferenceCache:
 def _inference_cache(module: nn.Module, sources: list[torch.Tensor]) -> dict:
     """The inference cache of ``module``, emptied first if any of ``sources`` changed since it was
     filled."""
-    key = (_optimizer_steps, *((t.data_ptr(), t._version) for t in sources))
+    try:
+        key = (_optimizer_steps, *((t.data_ptr(), t._version) for t in sources))
+    except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
+        return {}  # a change could not be seen: derived anew on every call
     cache = module.__dict__.get("_inference_cache")
     if cache is None or cache.key != key:
         cache = _InferenceCache(key, tuple(t.detach() for t in sources))
@@ -229,18 +237,83 @@ def _linear_int8(rows: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor
 def cycle_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a ``CycleBlock`` (``norm1``, ``mixer``, ``norm2``, ``mlp``, ``drop_path``).
     In CPU inference the residual adds ride on the last product of the mixer and of the MLP (or
-    follow it, with int8 products: the block's and the mixer's ``int8``)."""
+    follow it, with int8 products: the block's and the mixer's ``int8``); one float32 image runs
+    the whole block as one native operator (:func:`_native_block`) where it is built."""
     if not block.training and _onednn_inference(x):
+        cache = _inference_cache(block, _block_sources(block))
+        if x.shape[0] == 1:
+            native_form = _native_block(block, x, cache)
+            if native_form is not None:
+                return torch.ops.cyclemlp.block_inference(x, *native_form)
         norm1, norm2 = block.norm1, block.norm2
         x = _mixer(block.mixer, F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps),
                    residual=x, onednn=True)
         y = F.layer_norm(x, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps)
-        cache = _inference_cache(block, _mlp_sources(block))
         if getattr(block, "int8", False):
             return _channel_mlp_int8(block.mlp, y, x, cache)
         return _channel_mlp(block.mlp, y, residual=x, onednn=True, cache=cache)
     x = x + block.drop_path(_mixer(block.mixer, block.norm1(x)))
     return x + block.drop_path(_channel_mlp(block.mlp, block.norm2(x)))
+
+
+def _block_sources(block: nn.Module) -> list[torch.Tensor]:
+    """Every parameter of ``block`` its inference form derives from: the norms', the mixer's
+    (the reweighting's included) and the MLP's."""
+    mixer = block.mixer
+    modules = [block.norm1, block.norm2, *_branch_layers(mixer), mixer.proj, mixer.reweight.fc1, mixer.reweight.fc2,
+               block.mlp.fc1, block.mlp.fc2] if getattr(mixer, "fused", False) else [block.mlp.fc1, block.mlp.fc2]
+    return [t for m in modules for t in (m.weight, m.bias) if t is not None]
+
+
+def _native_block(block: nn.Module, x: torch.Tensor, cache: dict) -> tuple | None:
+    """The arguments after ``x`` of ``torch.ops.cyclemlp.block_inference`` (``csrc/block.cpp``)
+    for ``block`` over one float32 image ``x``, kept in the block's inference ``cache`` for the
+    last image size; None where that operator does not apply: not built, int8 products, a mixer
+    without fused kernels or without all three branches, a layer without its bias, or an MLP
+    hidden layer too large for one chunk. The operator makes exactly the calls of the Python
+    path below, so the two give the same numbers; it only saves the interpreter's time between
+    them."""
+    mixer = block.mixer
+    if (not _ONEDNN_PACK or getattr(block, "int8", False) or getattr(mixer, "int8", False)
+            or not getattr(mixer, "fused", False) or not native.available()):
+        return None
+    rows = x.shape[1] * x.shape[2]
+    entry = cache.get("native")
+    if entry is None or entry[0] != rows:
+        entry = cache["native"] = (rows, _native_block_form(block, rows, cache))
+    return entry[1]
+
+
+def _native_block_form(block: nn.Module, rows: int, cache: dict) -> tuple | None:
+    mixer, mlp = block.mixer, block.mlp
+    layers = _branch_layers(mixer)
+    norms = (block.norm1, block.norm2)
+    if (len(layers) != 3 or not (isinstance(layers[0], CycleFC) and isinstance(layers[1], CycleFC))
+            or isinstance(layers[2], CycleFC) or mlp.fc1.out_features * rows > _MLP_WHOLE_MAX_ELEMENTS
+            or not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
+            or any(fc.bias is None for fc in (mixer.proj, mixer.reweight.fc1, mixer.reweight.fc2, mlp.fc1, mlp.fc2))):
+        return None
+    reweight = mixer.reweight
+    tensors = [block.norm1.weight, block.norm1.bias, block.norm2.weight, block.norm2.bias,
+               layers[0].offsets, layers[1].offsets,
+               reweight.fc1.weight, reweight.fc1.bias, reweight.fc2.weight, reweight.fc2.bias,
+               _packed(cache, "fc1", mlp.fc1.weight, rows), mlp.fc1.bias, _packed(cache, "fc2", mlp.fc2.weight, rows),
+               mlp.fc2.bias]
+    proj = mixer.proj
+    mixer_cache = _inference_cache(mixer, [t for fc in (*layers, proj) for t in (fc.weight, fc.bias) if t is not None])
+    form = mixer_cache.get("branches")
+    if form is None:
+        form = mixer_cache["branches"] = _branch_form(layers)
+    weight, bias, stacked, biases, _ = form
+    fold = mixer.dim <= _FOLD_MAX_DIM
+    if fold:
+        tensors += [weight, _bias_sum(mixer_cache, bias), stacked, bias, proj.weight, proj.bias]
+    else:
+        tensors += [*(_packed(mixer_cache, f"branch{k}", stacked[k], rows) for k in range(3)), *biases,
+                    _packed(mixer_cache, "proj", proj.weight, rows), proj.bias]
+    if any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()):
+        return None
+    return [t.detach() for t in tensors], block.norm1.eps, block.norm2.eps, fold
 
 
 def _mixer(
@@ -570,10 +643,6 @@ def _mlp_chunk_rows(rows: int, hidden: int) -> int:
     if rows * hidden <= _MLP_WHOLE_MAX_ELEMENTS:
         return max(rows, 1)
     return max(64, _MLP_CHUNK_ELEMENTS // max(hidden, 1))
-
-
-def _mlp_sources(block: nn.Module) -> list[torch.Tensor]:
-    return [t for fc in (block.mlp.fc1, block.mlp.fc2) for t in (fc.weight, fc.bias) if t is not None]
 
 
 def _channel_mlp(

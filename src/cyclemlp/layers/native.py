@@ -1,4 +1,5 @@
-"""The native CPU shift of Cycle FC: a small C++ kernel, compiled on first use.
+"""The native CPU kernels: Cycle FC's shift, and one CycleMLP block in inference on one image;
+small C++ sources compiled on first use.
 
 Cycle FC's shift moves every channel by its own offset. No PyTorch operator does that in one pass:
 the readable form (a gather, :func:`~cyclemlp.layers.cycle_fc.cycle_shift`) reads an index per
@@ -7,7 +8,12 @@ its channels' offsets point at and keeps the right one per channel, vectorised, 
 rows with ATen's thread pool. It moves bits, so it equals the copy definition exactly for every
 dtype.
 
-The kernel is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``ninja`` comes
+``csrc/block.cpp`` (``torch.ops.cyclemlp.block_inference``) runs a whole block in CPU float32
+inference on one image with the same ATen and oneDNN calls as the Python inference path of
+:mod:`cyclemlp.layers.kernels`, so that one image pays one operator call per block instead of
+some fifty; see :func:`cyclemlp.layers.kernels.cycle_block`.
+
+The kernels are built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ``ninja`` comes
 with the package's dependencies) into PyTorch's extension cache the first time a process needs it,
 about 20 s once per source version, then loaded from the cache in well under a second. ``bash
 setup.sh`` builds it ahead. It is registered as the operator ``torch.ops.cyclemlp.shift`` with
@@ -32,13 +38,13 @@ import torch
 __all__ = ["ENV_VAR", "available", "build_error", "shift"]
 
 ENV_VAR = "CYCLEMLP_NATIVE"
-SOURCE = Path(__file__).with_name("csrc") / "shift.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("shift.cpp", "block.cpp"))
 # One build per torch version (an extension compiled against another libtorch may not load) and
 # per source file: PyTorch's extension cache keys builds by name, and a build whose source path
 # changed is compiled again, so two checkouts sharing one name would rebuild each other's.
 _EXTENSION = "_".join([
     "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__),
-    hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8],
+    hashlib.sha1("\n".join(str(source.resolve()) for source in SOURCES).encode()).hexdigest()[:8],
 ])
 
 _lock = threading.Lock()
@@ -53,6 +59,7 @@ def enabled() -> bool:
 def _op_registered() -> bool:
     try:
         torch.ops.cyclemlp.shift  # noqa: B018
+        torch.ops.cyclemlp.block_inference  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -67,8 +74,8 @@ def _build() -> None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=_EXTENSION, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=_EXTENSION, sources=[str(source) for source in SOURCES],
+                           extra_cflags=["-O3", "-fopenmp"], is_python_module=False, verbose=False)
     finally:
         cpp_log.setLevel(level)
 
