@@ -34,7 +34,7 @@ CONV_NAMES = ("aten::mkldnn_convolution", "mkldnn::_convolution_pointwise", "ate
               "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
 SHIFT_NAMES = ("cyclemlp::shift", "aten::gather", "aten::index", "aten::slice_scatter", "aten::index_select")
 NORM_NAMES = ("aten::native_layer_norm", "aten::native_layer_norm_backward")
-GELU_NAMES = ("aten::gelu", "aten::gelu_backward")
+GELU_NAMES = ("aten::gelu", "aten::gelu_", "aten::gelu_backward")
 OPTIMIZER_NAMES = ("aten::_fused_adamw_", "aten::_fused_adamw")
 KINDS = ("matrix products", "shifts", "LayerNorm", "GELU", "optimizer step", "everything else")
 
