@@ -29,8 +29,8 @@ fi
 # 3. The package, editable, with every extra (export, dense prediction, analyses, tests).
 pip_install -e ".[all]"
 
-# 4. The native shift kernel, compiled now rather than on first use (a missing compiler is not an
-#    error: Cycle FC then runs on PyTorch's kernels, slower).
+# 4. The native kernels (Cycle FC's shift, the one-image block), compiled now rather than on first
+#    use (a missing compiler is not an error: the model then runs on PyTorch's kernels, slower).
 "$PYTHON" -c "import sys, cyclemlp.layers.native as n; sys.exit(n.main())" || true
 
 # 5. Data carriers: packages installed only for the real data files they ship; never imported.

@@ -96,8 +96,9 @@ def _shift_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
 
 
 def available() -> bool:
-    """Whether ``torch.ops.cyclemlp.shift`` is ready, building or loading it on the first call.
-    Never raises: a failed build warns once and returns False (the gather takes over)."""
+    """Whether the native operators (``torch.ops.cyclemlp.shift``, ``.block_inference``) are ready,
+    building or loading them on the first call. Never raises: a failed build warns once and
+    returns False (the gather and the Python block path take over)."""
     if _state["tried"]:
         return bool(_state["ok"])
     with _lock:
@@ -114,9 +115,10 @@ def available() -> bool:
                     message = str(err).strip()
                     _state["error"] = f"{type(err).__name__}: {message.splitlines()[-1] if message else ''}"
                     warnings.warn(
-                        f"cyclemlp: the native shift kernel could not be built ({_state['error']}); Cycle FC falls "
-                        f"back to a slower gather. It needs a C++ compiler and ninja (pip install ninja); "
-                        f"set {ENV_VAR}=0 to silence this.", RuntimeWarning, stacklevel=2)
+                        f"cyclemlp: the native kernels could not be built ({_state['error']}); Cycle FC falls "
+                        f"back to a slower gather, and one image runs each block through Python. They need a "
+                        f"C++ compiler and ninja (pip install ninja); set {ENV_VAR}=0 to silence this.",
+                        RuntimeWarning, stacklevel=2)
             _state["tried"] = True
     return bool(_state["ok"])
 
@@ -144,9 +146,9 @@ def main() -> int:
         want[..., 1] = x[..., 1]
         want[:, :-1, :-1, 2] = x[:, 1:, 1:, 2]
         if not torch.equal(got, want):
-            print("cyclemlp native shift: built, but gives wrong results; set CYCLEMLP_NATIVE=0")
+            print("cyclemlp native kernels: built, but the shift gives wrong results; set CYCLEMLP_NATIVE=0")
             return 1
-        print("cyclemlp native shift: ready")
+        print("cyclemlp native kernels (shift, one-image block): ready")
         return 0
-    print(f"cyclemlp native shift: not available ({build_error()}); Cycle FC shifts with a gather")
+    print(f"cyclemlp native kernels: not available ({build_error()}); Cycle FC shifts with a gather")
     return 0 if not enabled() else 1
