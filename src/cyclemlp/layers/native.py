@@ -43,7 +43,7 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("shift.cpp"
 # per source file: PyTorch's extension cache keys builds by name, and a build whose source path
 # changed is compiled again, so two checkouts sharing one name would rebuild each other's.
 _EXTENSION = "_".join([
-    "cyclemlp_shift_torch" + re.sub(r"\W", "_", torch.__version__),
+    "cyclemlp_native_torch" + re.sub(r"\W", "_", torch.__version__),
     hashlib.sha1("\n".join(str(source.resolve()) for source in SOURCES).encode()).hexdigest()[:8],
 ])
 

@@ -6,8 +6,8 @@
 // threads wait. This operator makes the same ATen and oneDNN calls, in the same order, as the
 // Python inference path of cyclemlp.layers.kernels (cycle_block with _mixer_inference and
 // _channel_mlp for one image, whole MLP), so it computes exactly the same numbers; only the
-// calling is native. The Python side prepares the weights (kernels._block_form) and decides when
-// this applies.
+// calling is native. The Python side prepares the weights (kernels._native_block) and decides
+// when this applies.
 //
 // Weights, in order (all float32, detached):
 //   0-3   norm1.weight, norm1.bias, norm2.weight, norm2.bias
@@ -62,16 +62,15 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList w, double eps1, d
   TORCH_CHECK(x.dim() == 4 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "cyclemlp::block_inference takes one float32 CPU image (1, H, W, C); got ", x.sizes());
   TORCH_CHECK(w.size() == (fold ? 20u : 22u), "cyclemlp::block_inference: wrong number of weights, ", w.size());
-  const int64_t height = x.size(1), width = x.size(2), dim = x.size(3), positions = height * width;
-  const int64_t rows = positions;
+  const int64_t height = x.size(1), width = x.size(2), dim = x.size(3), rows = height * width;
   static auto shift = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("cyclemlp::shift", "")
                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
 
   // x = x + mixer(norm1(x))
   const at::Tensor y = at::layer_norm(x, {dim}, w[0], w[1], eps1);
-  const std::vector<at::Tensor> parts = {shift.call(y, w[4]).view({1, positions, dim}),
-                                         shift.call(y, w[5]).view({1, positions, dim}), y.view({1, positions, dim})};
+  const std::vector<at::Tensor> parts = {shift.call(y, w[4]).view({1, rows, dim}),
+                                         shift.call(y, w[5]).view({1, rows, dim}), y.view({1, rows, dim})};
   const at::Tensor res = x.reshape({rows, dim});
   at::Tensor mixed;
   if (fold) {
