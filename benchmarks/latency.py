@@ -22,6 +22,8 @@ It writes ``report.md`` and ``results.json`` into ``--output``. Sections:
 * int8 (``cyclemlp.quantize_int8``) against fp32 at batch 1 in turns, and, given a trained
   Fashion-MNIST run (``--fashion-run``, e.g. the README's main command's), the test-set top-1 of
   both and their agreement;
+* each model alone in its own process, with glibc's malloc as it comes and told to keep freed
+  memory (page faults per image and ms);
 * batch 16 at two threads against a git revision (``--against``, e.g. a release tag): the same
   models timed in child processes that take turns between the two source trees, with two peers as
   drift controls;
@@ -276,6 +278,53 @@ def bench_against(revision: str, turns: int, calls: int) -> dict:
     return dict(revision=revision, turns=turns, rows=rows)
 
 
+# --- one model alone in a process -----------------------------------------------------------------
+
+ALONE_CHILD = r"""
+import json, resource, sys, time, torch, timm
+sys.path.insert(0, sys.argv[1])
+import cyclemlp
+torch.set_num_threads(int(sys.argv[3]))
+model, x = timm.create_model(sys.argv[4]).eval(), torch.randn(1, 3, 224, 224)
+with torch.inference_mode():
+    for _ in range(5):
+        model(x)
+    faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+    for _ in range(int(sys.argv[2])):
+        start = time.perf_counter(); model(x); times.append(time.perf_counter() - start)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(json.dumps(dict(ms=min(times) * 1e3, faults=faults / len(times))))
+"""
+
+# glibc's malloc told to keep freed memory: blocks up to 32 MiB from the heap, and the heap's top
+# returned to the system only past 256 MiB free
+KEEP_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+ALONE_MODELS = ["cyclemlp_b1", "cyclemlp_b2", "poolformer_s12"]
+
+
+def bench_alone(names: list[str], threads: int, turns: int, calls: int) -> list[dict]:
+    """Batch 1, each model alone in its own process (as a deployed model runs): glibc's default
+    malloc against ``KEEP_HEAP_ENV``, in turns. With the default, a process whose transient
+    activations outgrow glibc's trim threshold gives that memory back after every image and takes
+    it again, page by page, on the next one."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(turns):
+        for name in names:
+            for heap, extra in (("default", {}), ("kept", KEEP_HEAP_ENV)):
+                result = subprocess.run(
+                    [sys.executable, "-c", ALONE_CHILD, str(ROOT / "src"), str(calls), str(threads), name],
+                    capture_output=True, text=True, env=dict(os.environ, **extra), check=True)
+                runs.setdefault((name, heap), []).append(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name in names:
+        default, kept = runs[(name, "default")], runs[(name, "kept")]
+        best_default, best_kept = min(r["ms"] for r in default), min(r["ms"] for r in kept)
+        rows.append(dict(model=name, threads=threads, default_ms=best_default, kept_ms=best_kept,
+                         default_faults=statistics.median(r["faults"] for r in default),
+                         kept_faults=statistics.median(r["faults"] for r in kept), speedup=best_default / best_kept))
+    return rows
+
+
 # --- CUDA -----------------------------------------------------------------------------------------
 
 
@@ -382,6 +431,16 @@ def report(results: dict) -> str:
                   "this tree over the revision. The peers' code is the same in both: their speedup shows the "
                   "drift between turns, and over_drift is the speedup divided by theirs (geometric mean).", "",
                   table(against["rows"], ["model", "this_img_s", "revision_img_s", "speedup", "over_drift"])]
+    if results.get("alone"):
+        env_text = " ".join(f"{k}={v}" for k, v in KEEP_HEAP_ENV.items())
+        parts += ["", "## One model alone in a process", "",
+                  "Batch 1, each model in its own child process, as a deployed model runs (the tables above time "
+                  "all models in one process, whose heap the largest of them has grown). default: glibc's malloc "
+                  f"as it comes; kept: `{env_text}`, so freed memory stays in the heap. faults: minor page faults "
+                  "per image (memory the allocator gave back and takes again). ms: the fastest call over all "
+                  "turns; speedup: default ms / kept ms.", "",
+                  table(results["alone"], ["model", "threads", "default_ms", "kept_ms", "default_faults",
+                                           "kept_faults", "speedup"])]
     parts += ["", "## CUDA", ""]
     if results.get("cuda"):
         parts += [f"Device: {results['cuda_device']}.", "",
@@ -457,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         print(f"batch 16 against {args.against} ...", flush=True)
         results["against"] = bench_against(args.against, 1 if args.quick else args.turns, 2 if args.quick else 5)
+    print("alone in a process ...", flush=True)
+    results["alone"] = [row for threads in args.threads for row in bench_alone(
+        ["cyclemlp_b1"] if args.quick else ALONE_MODELS, threads, 1 if args.quick else 2, 5 if args.quick else 30)]
     if torch.cuda.is_available():
         results["cuda_device"] = torch.cuda.get_device_name()
         results["cuda"] = bench_cuda(OURS + PEERS if not args.quick else names, args.rounds)

@@ -225,6 +225,18 @@ def _assign_data(model):
         p.data = q.detach().clone()
 
 
+def _replace_layers(model):
+    """New Linear modules in place of the blocks' first MLP layers and reweighting outputs."""
+    for block in (b for stage in model.stages for b in stage.blocks):
+        for owner, name in ((block.mlp, "fc1"), (block.mixer.reweight, "fc2")):
+            old = getattr(owner, name)
+            new = torch.nn.Linear(old.in_features, old.out_features)
+            with torch.no_grad():
+                new.weight.copy_(old.weight * 1.5)
+                new.bias.copy_(old.bias + 0.5)
+            setattr(owner, name, new)
+
+
 CHANGES = {
     "load_state_dict": lambda m, x: m.load_state_dict(_perturbed(_small_model(), 0.5).state_dict()),
     "load_state_dict_assign": lambda m, x: m.load_state_dict(_perturbed(_small_model(), 0.5).state_dict(),
@@ -236,6 +248,7 @@ CHANGES = {
     "biases_only": lambda m, x: [p.add_(0.5) for n, p in m.named_parameters() if n.endswith(".bias")] and None,
     "dtype_round_trip": lambda m, x: (m.double(), _perturbed(m, 0.5), m.float()),
     "param_data_assign": lambda m, x: _assign_data(m),
+    "replace_layers": lambda m, x: _replace_layers(m),
     "train_then_eval": lambda m, x: (m.train(), _step(m, x, torch.optim.SGD(m.parameters(), lr=1.0)), m.eval()),
     "data_copy_then_eval": lambda m, x: _copy_data(m),
 }
