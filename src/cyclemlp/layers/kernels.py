@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import native
+from . import heap, native
 from .cycle_fc import CycleFC, _fused_shift
 
 __all__ = ["check_int8", "cycle_block", "cycle_mixer", "drop_inference_cache", "embed_conv"]
@@ -238,10 +238,13 @@ def cycle_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a ``CycleBlock`` (``norm1``, ``mixer``, ``norm2``, ``mlp``, ``drop_path``).
     In CPU inference the residual adds ride on the last product of the mixer and of the MLP (or
     follow it, with int8 products: the block's and the mixer's ``int8``); one float32 image runs
-    the whole block as one native operator (:func:`_native_block`) where it is built."""
+    the whole block as one native operator (:func:`_native_block`) where it is built, and the first
+such call keeps glibc from returning the block's transient memory after every image
+(:mod:`cyclemlp.layers.heap`)."""
     if not block.training and _onednn_inference(x):
         cache = _inference_cache(block, _block_sources(block))
         if x.shape[0] == 1:
+            heap.keep_freed_memory_once()  # glibc keeps the block's transient memory (layers/heap.py)
             native_form = _native_block(block, x, cache)
             if native_form is not None:
                 return torch.ops.cyclemlp.block_inference(x, *native_form)
