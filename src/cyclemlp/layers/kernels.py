@@ -238,9 +238,9 @@ def cycle_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a ``CycleBlock`` (``norm1``, ``mixer``, ``norm2``, ``mlp``, ``drop_path``).
     In CPU inference the residual adds ride on the last product of the mixer and of the MLP (or
     follow it, with int8 products: the block's and the mixer's ``int8``); one float32 image runs
-    the whole block as one native operator (:func:`_native_block`) where it is built, and the first
-such call keeps glibc from returning the block's transient memory after every image
-(:mod:`cyclemlp.layers.heap`)."""
+    the whole block as one native operator (:func:`_native_block`) where it is built, and the
+    first such call keeps glibc from returning the block's transient memory after every image
+    (:mod:`cyclemlp.layers.heap`)."""
     if not block.training and _onednn_inference(x):
         cache = _inference_cache(block, _block_sources(block))
         if x.shape[0] == 1:
@@ -376,7 +376,7 @@ _BRANCHES = ("width_fc", "height_fc", "channel_fc")
 
 
 def _branch_layers(mixer: nn.Module) -> list[nn.Module]:
-    return [fc for fc in (mixer.width_fc, mixer.height_fc, mixer.channel_fc) if fc is not None]
+    return [fc for fc in (getattr(mixer, name) for name in _BRANCHES) if fc is not None]
 
 
 def _coefficients(reweight: nn.Module, pooled: torch.Tensor, n: int) -> torch.Tensor:
