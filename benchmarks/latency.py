@@ -305,13 +305,16 @@ def bench_alone(names: list[str], threads: int, turns: int, calls: int) -> list[
     """Batch 1, each model alone in its own process (as a deployed model runs), with glibc's adaptive
     malloc thresholds and as shipped (the first one-image CycleMLP block sets them; the peers run
     the same either way), in turns."""
+    # the children start without malloc settings of this process's own, so "glibc" means glibc's
+    base = {k: v for k, v in os.environ.items()
+            if not (k.startswith("MALLOC_") or (k == "GLIBC_TUNABLES" and "glibc.malloc." in v))}
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(turns):
         for name in names:
             for heap, extra in HEAPS.items():
                 result = subprocess.run(
                     [sys.executable, "-c", ALONE_CHILD, str(ROOT / "src"), str(calls), str(threads), name],
-                    capture_output=True, text=True, env=dict(os.environ, **extra), check=True)
+                    capture_output=True, text=True, env=dict(base, **extra), check=True)
                 runs.setdefault((name, heap), []).append(json.loads(result.stdout.strip().splitlines()[-1]))
     rows = []
     for name in names:
